@@ -1,0 +1,85 @@
+"""`imgproxy serve` and `imgproxy check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from aiohttp import web
+
+from . import __version__
+from .config import ConfigError
+from .gateway import Gateway
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imgproxy", description="OpenAI Images API gateway.")
+    parser.add_argument("--version", action="version", version=f"imgproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default=os.environ.get("IMGPROXY_CONFIG", "proxy.yaml"), help="config file (IMGPROXY_CONFIG; default ./proxy.yaml)")
+    serve.add_argument("--host", default=os.environ.get("IMGPROXY_HOST"), help="listen address (IMGPROXY_HOST; default from the config, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=_env_int("IMGPROXY_PORT"), help="listen port (IMGPROXY_PORT; default from the config, else 8080)")
+    serve.add_argument("--log-level", default=os.environ.get("IMGPROXY_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+
+    check = commands.add_parser("check-config", help="validate a config file and print its model table")
+    check.add_argument("file")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve_command(args)
+    return check_config_command(args.file)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        sys.exit(f"imgproxy: {name} must be a port number, not {value!r}")
+
+
+def serve_command(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        gateway = asyncio.run(Gateway.load(args.config))
+    except ConfigError as exc:
+        print(f"imgproxy: invalid config: {exc}", file=sys.stderr)
+        return 2
+    from .server import create_app
+
+    server = gateway.config.server
+    host = args.host or server.host
+    port = args.port if args.port is not None else server.port
+    print(f"imgproxy {__version__} serving {len(gateway.config.models)} models on http://{host}:{port}", file=sys.stderr, flush=True)
+    web.run_app(create_app(gateway), host=host, port=port, shutdown_timeout=server.drain_timeout, print=None, access_log=None)
+    return 0
+
+
+def check_config_command(path: str) -> int:
+    try:
+        gateway = asyncio.run(Gateway.load(path))
+    except ConfigError as exc:
+        print(f"imgproxy: invalid config: {exc}", file=sys.stderr)
+        return 1
+    rows = [("MODEL", "ALIASES", "PROVIDER", "UPSTREAM MODEL", "KEY")]
+    for name, aliases, provider, upstream in gateway.routing.rows():
+        spec = gateway.config.providers[gateway.config.models[name].provider]
+        adapter = gateway.providers[spec.name]
+        key = "not needed" if not adapter.needs_key else ("set" if spec.api_key else "MISSING: " + (" or ".join(spec.api_key_vars) or "api_key"))
+        rows.append((name, aliases or "-", provider, upstream, key))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"{path}: valid, {len(gateway.config.models)} models")
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Reading proxy.yaml: ${VAR} substitution, schema validation, and typed settings."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from . import schemafiles
+from .catalog import Capabilities, capabilities_for
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+DEFAULT_TIMEOUTS = {"connect": 10.0, "total": 180.0}
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; names the file, the key path and what is wrong."""
+
+    def __init__(self, source: str, path: list | str, problem: str) -> None:
+        self.source, self.path, self.problem = source, schemafiles.dotted(path) if isinstance(path, list) else path, problem
+        super().__init__(f"{source}: {self.path}: {problem}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1024 * 1024
+    drain_timeout: float = 25.0
+    log_prompts: bool = False
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    type: str
+    base_url: str
+    api_key: str
+    # Environment variables the api_key was read from: named in the error when it is empty.
+    api_key_vars: tuple[str, ...]
+    connect_timeout: float
+    total_timeout: float
+    image_hosts: tuple[str, ...]
+    options: dict = field(default_factory=dict)
+
+    def allows_image_host(self, host: str) -> bool:
+        host = host.lower()
+        base_host = (urlsplit(self.base_url).hostname or "").lower()
+        for allowed in (base_host, *self.image_hosts):
+            allowed = allowed.lower()
+            if host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:])):
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    provider: str
+    upstream_model: str
+    aliases: tuple[str, ...]
+    capabilities: Capabilities
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    directory: str = "/tmp/imgproxy-images"
+    url_ttl: int = 3600
+    signing_key: bytes = b""
+    public_base_url: str = ""
+    upstream_urls: str = "rehost"
+    sweep_interval: int = 60
+    max_image_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    server: ServerConfig
+    providers: dict[str, ProviderConfig]
+    models: dict[str, ModelConfig]
+    images: ImagesConfig
+    default_model: str | None
+    enable_plugins: tuple[str, ...]
+    disable_plugins: tuple[str, ...]
+    # Every top-level section as written (after substitution), for plugins to read their own.
+    sections: dict
+
+
+def substitute_env(node, env, source: str, path: list, refs: dict):
+    """Replace ${VAR} and ${VAR:-default} in every string of the tree; `$$` is a literal `$`.
+
+    Values stay strings. `refs` collects, per dotted key path, the variables it referenced.
+    """
+    if isinstance(node, dict):
+        return {k: substitute_env(v, env, source, path + [k], refs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [substitute_env(v, env, source, path + [i], refs) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name is None:
+            return "$"
+        refs.setdefault(schemafiles.dotted(path), []).append(name)
+        value = env.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                raise ConfigError(source, path, f"environment variable {name} is not set (write ${{{name}:-}} to allow that)")
+            return default
+        return value
+
+    return _ENV_REF.sub(replace, node)
+
+
+def read_config_file(path: str | os.PathLike) -> str:
+    try:
+        return Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), "(file)", f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def parse_config(
+    text: str, *, source: str = "<config>", env=None, extra_sections: dict | None = None, provider_types=None
+) -> Config:
+    """Parse, substitute and validate a config text. `extra_sections` maps top-level keys that
+    plugins add to their JSON Schemas; `provider_types` is the set of known adapter types."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        raise ConfigError(source, where, f"not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "(top level)", "must be a mapping with at least `providers` and `models`")
+    refs: dict[str, list[str]] = {}
+    raw = substitute_env(raw, os.environ if env is None else env, source, [], refs)
+
+    schema = dict(schemafiles.load("proxy.schema.json"))
+    schema["properties"] = {**schema["properties"], **(extra_sections or {})}
+    problem = schemafiles.first_error(schemafiles.validator(schema), raw)
+    if problem:
+        raise ConfigError(source, *problem)
+    return _build(raw, source, refs, provider_types)
+
+
+def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
+    providers = {}
+    for name, spec in raw["providers"].items():
+        if provider_types is not None and spec["type"] not in provider_types:
+            known = ", ".join(sorted(provider_types))
+            raise ConfigError(source, ["providers", name, "type"], f"unknown provider type {spec['type']!r} (known: {known})")
+        base_url = spec.get("base_url", "")
+        if base_url and urlsplit(base_url).scheme not in ("http", "https"):
+            raise ConfigError(source, ["providers", name, "base_url"], f"must be an http(s) URL, not {base_url!r}")
+        timeouts = {**DEFAULT_TIMEOUTS, **spec.get("timeouts", {})}
+        providers[name] = ProviderConfig(
+            name=name,
+            type=spec["type"],
+            base_url=base_url.rstrip("/"),
+            api_key=spec.get("api_key", ""),
+            api_key_vars=tuple(refs.get(f"providers.{name}.api_key", ())),
+            connect_timeout=float(timeouts["connect"]),
+            total_timeout=float(timeouts["total"]),
+            image_hosts=tuple(spec.get("image_hosts", ())),
+            options=spec.get("options", {}),
+        )
+
+    models, public_names = {}, {}
+    for name, spec in raw["models"].items():
+        if spec["provider"] not in providers:
+            raise ConfigError(source, ["models", name, "provider"], f"no provider named {spec['provider']!r} (have: {', '.join(providers)})")
+        upstream = spec.get("upstream_model", name)
+        try:
+            caps = capabilities_for(spec.get("catalog", upstream), spec.get("capabilities"))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(source, ["models", name, "capabilities"], f"incomplete for a model outside the catalog: {exc}") from None
+        _check_capabilities(caps, source, ["models", name, "capabilities"])
+        model = ModelConfig(name, spec["provider"], upstream, tuple(spec.get("aliases", ())), caps, spec.get("timeout"))
+        for public in (name, *model.aliases):
+            if public in public_names:
+                raise ConfigError(source, ["models", name], f"name {public!r} is already used by model {public_names[public]!r}")
+            public_names[public] = name
+        models[name] = model
+
+    default_model = raw.get("default_model")
+    if default_model is not None and default_model not in public_names:
+        raise ConfigError(source, ["default_model"], f"no model or alias named {default_model!r}")
+
+    server = ServerConfig(**raw.get("server", {}))
+    images_raw = dict(raw.get("images", {}))
+    key = images_raw.pop("signing_key", "")
+    images = ImagesConfig(
+        signing_key=key.encode(),
+        **{k: v.rstrip("/") if k == "public_base_url" else v for k, v in images_raw.items()},
+    )
+    plugins = raw.get("plugins", {})
+    return Config(
+        source=source,
+        server=server,
+        providers=providers,
+        models=models,
+        images=images,
+        default_model=default_model,
+        enable_plugins=tuple(plugins.get("enable", ())),
+        disable_plugins=tuple(plugins.get("disable", ())),
+        sections=raw,
+    )
+
+
+def _check_capabilities(caps: Capabilities, source: str, path: list) -> None:
+    if caps.default_size not in caps.sizes and not (caps.custom_sizes and caps.default_size != "auto"):
+        raise ConfigError(source, path + ["default_size"], f"{caps.default_size!r} is not among the sizes {list(caps.sizes)}")
+    for value, allowed, key in (
+        (caps.default_quality, caps.qualities, "default_quality"),
+        (caps.default_style, caps.styles, "default_style"),
+    ):
+        if value is not None and value not in allowed:
+            raise ConfigError(source, path + [key], f"{value!r} is not among {list(allowed)}")

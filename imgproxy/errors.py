@@ -1,0 +1,54 @@
+"""The gateway's one error type, rendered in one place as OpenAI's error envelope."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    """A refusal or failure that reaches the client as `{"error": {...}}` with an HTTP status.
+
+    Raise it anywhere on the request path (core, provider adapters, plugins); the server's
+    error middleware renders it. `message` is shown to the client, so it must never hold a
+    provider key or an upstream's raw authentication text.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def envelope(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+    def to_response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=json.dumps(self.envelope()).encode(),
+            content_type="application/json",
+            headers=self.headers,
+        )
+
+
+def invalid_request(message: str, *, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def upstream_error(message: str, *, status: int = 502, code: str = "upstream_error") -> GatewayError:
+    """The provider failed or answered something unusable: not the client's fault."""
+    return GatewayError(status, message, type="server_error", code=code)

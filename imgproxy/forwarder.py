@@ -1,0 +1,195 @@
+"""Talking to upstreams: one pooled ClientSession, failures mapped to gateway errors, and
+answers streamed to the client as they arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from . import __version__
+from .config import ProviderConfig
+from .errors import GatewayError, upstream_error
+from .messages import RequestContext, StreamedReply
+
+log = logging.getLogger("imgproxy.upstream")
+
+MAX_JSON_BYTES = 256 * 1024 * 1024  # n=10 large PNGs as base64 stay well below this
+
+
+class Upstream:
+    """Owns the connection pool shared by every provider of one gateway."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # No per-host cap: concurrency is bounded by the clients, and a slow image model
+        # would otherwise queue requests behind the pool.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"imgproxy/{__version__}"})
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Upstream.start() was not awaited"
+        return self._session
+
+    @asynccontextmanager
+    async def request(
+        self, ctx: RequestContext, provider: ProviderConfig, method: str, url: str, *, timeout: float, **kwargs
+    ):
+        """Send one upstream request; connection failures and timeouts become 502/504."""
+        headers = kwargs.pop("headers", {})
+        headers["x-request-id"] = ctx.request_id
+        headers.setdefault("Accept-Encoding", "identity")
+        traceparent = ctx.http.headers.get("traceparent")
+        if traceparent:
+            headers["traceparent"] = traceparent
+        client_timeout = aiohttp.ClientTimeout(total=timeout, connect=provider.connect_timeout)
+        try:
+            async with self.session.request(method, url, headers=headers, timeout=client_timeout, **kwargs) as resp:
+                yield resp
+        except asyncio.TimeoutError:
+            log.warning("provider %s timed out after %ss (request %s)", provider.name, timeout, ctx.request_id)
+            raise upstream_error(
+                f"The provider '{provider.name}' did not answer within {timeout:g} seconds.", status=504, code="upstream_timeout"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            log.warning("cannot connect to provider %s: %s (request %s)", provider.name, exc.os_error, ctx.request_id)
+            raise upstream_error(f"Could not connect to the provider '{provider.name}'.", code="upstream_unavailable") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+            log.warning("provider %s broke off its answer: %r (request %s)", provider.name, exc, ctx.request_id)
+            raise upstream_error(
+                f"The provider '{provider.name}' closed the connection before a complete answer.", code="upstream_bad_response"
+            ) from None
+
+    async def read_json(self, resp: aiohttp.ClientResponse, provider: ProviderConfig) -> dict:
+        """The answer as a JSON object, or 502 for anything else (garbage, truncation, HTML)."""
+        try:
+            raw = await _read_limited(resp, MAX_JSON_BYTES)
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            log.warning("provider %s sent a body that is not JSON (status %s)", provider.name, resp.status)
+            body = None
+        if not isinstance(body, dict):
+            raise upstream_error(
+                f"The provider '{provider.name}' returned an answer that is not a JSON object.", code="upstream_bad_response"
+            )
+        return body
+
+    async def fetch_image(
+        self, ctx: RequestContext, provider: ProviderConfig, url: str, *, max_bytes: int, timeout: float
+    ) -> tuple[bytes, str]:
+        """Download an image a provider pointed at, only from that provider's own hosts."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("https", "http") or not parts.hostname or not provider.allows_image_host(parts.hostname):
+            log.warning("refused to fetch an image from %r for provider %s", parts.hostname, provider.name)
+            raise upstream_error(
+                f"The provider '{provider.name}' returned an image URL on a host it is not allowed to use.",
+                code="upstream_bad_response",
+            )
+        async with self.request(ctx, provider, "GET", url, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise upstream_error(
+                    f"Downloading an image from the provider '{provider.name}' failed with status {resp.status}.",
+                    code="upstream_bad_response",
+                )
+            content_type = resp.content_type if resp.content_type.startswith("image/") else "image/png"
+            return await _read_limited(resp, max_bytes, what="image"), content_type
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str = "answer") -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise upstream_error(f"The provider's {what} is larger than {limit} bytes.", code="upstream_bad_response")
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise upstream_error(f"The provider's {what} is larger than {limit} bytes.", code="upstream_bad_response")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class StreamTap:
+    """Watches bytes that are streamed through, so usage can be recorded without holding them.
+
+    Counts images by their `"b64_json"` keys and keeps the last `usage` object seen.
+    """
+
+    KEY = b'"b64_json"'
+    USAGE = b'"usage"'
+
+    def __init__(self, sse: bool) -> None:
+        self.sse = sse
+        self.images = 0
+        self.usage: dict | None = None
+        self._carry = b""
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._carry + chunk
+        if self.sse:
+            self.images += data.count(b'"image_generation.completed"')
+        else:
+            self.images += data.count(self.KEY)
+        keep = max(len(self.KEY), len(b'"image_generation.completed"')) - 1
+        self._carry = data[-keep:]
+        # Usage sits at the end of a JSON body and in the final event: keep a short tail.
+        self._tail = (self._tail + chunk)[-4096:]
+
+    def finish(self) -> None:
+        at = self._tail.rfind(self.USAGE)
+        if at < 0:
+            return
+        start = self._tail.find(b"{", at)
+        try:
+            self.usage, _ = json.JSONDecoder().raw_decode(self._tail[start:].decode())
+        except (ValueError, UnicodeDecodeError):
+            self.usage = None
+
+
+async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamTap) -> web.StreamResponse:
+    """Copy an upstream answer to the client chunk by chunk. Status and headers are fixed
+    before the first byte; a break upstream after that ends the client's response early
+    (an `error` event first, for server-sent events)."""
+    upstream = reply.response
+    out = web.StreamResponse(status=200, headers={"Content-Type": reply.content_type})
+    if not tap.sse and upstream.content_length is not None:
+        out.content_length = upstream.content_length
+    if tap.sse:
+        out.headers["Cache-Control"] = "no-cache"
+    await out.prepare(ctx.http)
+    try:
+        if reply.first_chunk:
+            await _relay(ctx, out, tap, reply.first_chunk)
+        async for chunk in upstream.content.iter_any():
+            await _relay(ctx, out, tap, chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError):
+        log.warning("upstream broke off a streamed answer (request %s)", ctx.request_id)
+        ctx.outcome.error_code = "upstream_bad_response"
+        if tap.sse:
+            error = GatewayError(502, "The provider broke off the stream.", type="server_error", code="upstream_bad_response")
+            event = {"type": "error", **error.envelope()}
+            await out.write(f"event: error\ndata: {json.dumps(event)}\n\n".encode())
+        else:
+            # The length promised cannot be met: drop the connection so the client sees truncation.
+            ctx.http.transport and ctx.http.transport.close()
+            return out
+    tap.finish()
+    await out.write_eof()
+    return out
+
+
+async def _relay(ctx: RequestContext, out: web.StreamResponse, tap: StreamTap, chunk: bytes) -> None:
+    tap.feed(chunk)
+    await out.write(chunk)
+    ctx.outcome.bytes_sent += len(chunk)

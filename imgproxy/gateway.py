@@ -1,0 +1,87 @@
+"""One running configuration: settings, routing table, plugins, provider adapters and the
+shared resources (connection pool, image store) they use."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+
+import pluggy
+import yaml
+
+from .config import Config, parse_config, read_config_file
+from .forwarder import Upstream
+from .imagestore import FilesystemImageStore, UrlSigner
+from .pluginmanager import await_me_maybe, build_plugin_manager
+from .providers.base import Provider
+from .routing import RoutingTable
+
+
+class Gateway:
+    def __init__(self, config: Config, pm: pluggy.PluginManager, adapters: dict[str, type[Provider]]) -> None:
+        self.config = config
+        self.pm = pm
+        self.routing = RoutingTable(config)
+        self.upstream = Upstream()
+        self.providers: dict[str, Provider] = {
+            name: adapters[spec.type](spec, self.upstream) for name, spec in config.providers.items()
+        }
+        self.store = FilesystemImageStore(config.images.directory, config.images.url_ttl)
+        # Without a configured key, URLs are valid for this process only (said in the docs).
+        self.signer = UrlSigner(config.images.signing_key or secrets.token_bytes(32))
+        self._sweeper: asyncio.Task | None = None
+
+    @classmethod
+    async def load(cls, path: str | os.PathLike | None = None, *, text: str | None = None, env=None, extra_plugins=()) -> "Gateway":
+        """Read and validate a config (a file, or `text`), load its plugins and let them configure."""
+        source = str(path) if path is not None else "<config>"
+        if text is None:
+            text = read_config_file(path)
+        enable, disable = _plugin_lists(text)
+        pm = build_plugin_manager(enable, disable, source=source, extra=tuple(extra_plugins))
+        adapters: dict[str, type[Provider]] = {}
+        pm.hook.imgproxy_register_providers(register=adapters.__setitem__)
+        sections: dict = {}
+        for contributed in pm.hook.imgproxy_config_schema():
+            sections.update(contributed or {})
+        config = parse_config(text, source=source, env=env, extra_sections=sections, provider_types=adapters)
+        gateway = cls(config, pm, adapters)
+        for result in pm.hook.imgproxy_configure(gateway=gateway):
+            await await_me_maybe(result)
+        return gateway
+
+    async def start(self) -> None:
+        await self.upstream.start()
+        await asyncio.to_thread(self.store.prepare)
+        self._sweeper = asyncio.create_task(self.store.sweep_forever(self.config.images.sweep_interval))
+        for result in self.pm.hook.imgproxy_startup(gateway=self):
+            await await_me_maybe(result)
+
+    async def close(self) -> None:
+        for result in self.pm.hook.imgproxy_shutdown(gateway=self):
+            await await_me_maybe(result)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.upstream.close()
+
+
+def _plugin_lists(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The plugins section, read before full validation (which needs the plugins' schemas).
+    Anything malformed is left for that validation to report."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return (), ()
+    plugins = raw.get("plugins") if isinstance(raw, dict) else None
+    if not isinstance(plugins, dict):
+        return (), ()
+
+    def names(key: str) -> tuple[str, ...]:
+        value = plugins.get(key)
+        return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+    return names("enable"), names("disable")

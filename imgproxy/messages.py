@@ -1,0 +1,123 @@
+"""The objects that travel along the request path: the validated request, the provider's
+answer, and the per-request context that hooks see."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import aiohttp
+    from aiohttp import web
+
+    from .gateway import Gateway
+    from .routing import Route
+
+
+@dataclass
+class ImageRequest:
+    """A generation request after validation, with the model's defaults filled in."""
+
+    prompt: str
+    model: str  # the public model name from the routing table
+    n: int
+    size: str
+    response_format: str
+    moderation: str = "auto"
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    # Optional GPT-image parameters the client gave: background, output_format, ... .
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.options.get("stream"))
+
+
+@dataclass
+class GeneratedImage:
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    content_type: str = "image/png"
+
+    def to_json(self) -> dict:
+        out = {}
+        if self.b64_json is not None:
+            out["b64_json"] = self.b64_json
+        if self.url is not None:
+            out["url"] = self.url
+        if self.revised_prompt is not None:
+            out["revised_prompt"] = self.revised_prompt
+        return out
+
+
+@dataclass
+class ImagesResult:
+    """A provider's answer in neutral form; the rewrite hook shapes it for the client."""
+
+    created: int
+    images: list[GeneratedImage]
+    usage: dict | None = None
+    # Response fields GPT image models add (background, output_format, size, quality).
+    extra: dict[str, Any] = field(default_factory=dict)
+    # Images the provider withheld or blurred for content policy.
+    filtered: int = 0
+
+    def to_json(self) -> dict:
+        body = {"created": self.created, "data": [image.to_json() for image in self.images], **self.extra}
+        if self.usage is not None:
+            body["usage"] = self.usage
+        return body
+
+
+@dataclass
+class StreamedReply:
+    """An upstream answer to forward to the client as it arrives, without holding it whole."""
+
+    response: "aiohttp.ClientResponse"
+    content_type: str
+    # Bytes the adapter already read from `response` to check it; sent first.
+    first_chunk: bytes = b""
+
+
+@dataclass
+class Identity:
+    """Who is calling: set by the authenticate hook. `name` is the key's label, never the key."""
+
+    name: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What happened, for the record-usage hook: set on success and on failure alike."""
+
+    status: int = 0
+    error_code: str | None = None
+    images: int = 0
+    usage: dict | None = None
+    upstream_seconds: float | None = None
+    bytes_sent: int = 0
+
+
+@dataclass
+class RequestContext:
+    gateway: "Gateway"
+    http: "web.Request"
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    body: dict | None = None
+    route: "Route | None" = None
+    request: ImageRequest | None = None
+    identity: Identity | None = None
+    outcome: Outcome = field(default_factory=Outcome)
+    # A plugin that must see every response body (not a streamed pass-through) sets this.
+    needs_body: bool = False
+    # Per-request scratch space for plugins, keyed by plugin name.
+    scratch: dict[str, Any] = field(default_factory=dict)
+    # Upstream responses that stay open while they are streamed to the client.
+    exit_stack: AsyncExitStack = field(default_factory=AsyncExitStack)

@@ -1,0 +1,124 @@
+"""POST /v1/images/generations, step by step: the line every request walks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from aiohttp import web
+
+from .errors import GatewayError
+from .forwarder import StreamTap, forward_stream
+from .messages import Identity, ImagesResult, RequestContext
+from .pluginmanager import await_me_maybe
+from .validation import check_capabilities, check_schema, read_json_body
+
+log = logging.getLogger("imgproxy.pipeline")
+
+
+async def generate_images(ctx: RequestContext) -> web.StreamResponse:
+    # Authentication comes first so that anonymous callers can neither probe the model table
+    # nor make the gateway read and validate their bodies.
+    ctx.identity = await authenticate(ctx)
+    try:
+        ctx.body = await read_json_body(ctx.http)
+        check_schema(ctx.body)
+        ctx.route = ctx.gateway.routing.resolve(requested_model(ctx))
+        ctx.request = check_capabilities(ctx.body, ctx.route)
+        await run_hook(ctx.gateway.pm.hook.imgproxy_check_request, ctx=ctx)
+        response = await call_provider(ctx)
+        ctx.outcome.status = response.status
+        return response
+    except GatewayError as error:
+        ctx.outcome.status, ctx.outcome.error_code = error.status, error.code
+        raise
+    except asyncio.CancelledError:
+        ctx.outcome.status, ctx.outcome.error_code = 499, "client_closed_request"
+        raise
+    finally:
+        await record_usage(ctx)
+
+
+async def authenticate(ctx: RequestContext) -> Identity:
+    hook = ctx.gateway.pm.hook.imgproxy_authenticate
+    if not hook.get_hookimpls():
+        return Identity("anonymous")  # the auth plugin was disabled on purpose
+    results = hook(ctx=ctx)
+    identity = None
+    for result in results:
+        if identity is None:
+            identity = await await_me_maybe(result)
+        elif asyncio.iscoroutine(result):
+            result.close()  # an earlier plugin already answered
+    if identity is None:
+        if "Authorization" not in ctx.http.headers:
+            raise GatewayError(
+                401, "You didn't provide an API key: send 'Authorization: Bearer <your imgproxy key>'.", code="invalid_api_key"
+            )
+        raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return identity
+
+
+def requested_model(ctx: RequestContext) -> str:
+    model = ctx.body.get("model") or ctx.gateway.config.default_model
+    if model is None:
+        raise GatewayError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    return model
+
+
+async def call_provider(ctx: RequestContext) -> web.StreamResponse:
+    provider = ctx.gateway.providers[ctx.route.provider.name]
+    started = time.monotonic()
+    async with ctx.exit_stack:  # keeps a streamed upstream answer open until it is forwarded
+        reply = await provider.generate(ctx, ctx.request)
+        if isinstance(reply, ImagesResult):
+            ctx.outcome.upstream_seconds = time.monotonic() - started
+            await run_hook(ctx.gateway.pm.hook.imgproxy_rewrite_response, ctx=ctx, result=reply)
+            return images_response(ctx, reply)
+        tap = StreamTap(sse=reply.content_type == "text/event-stream")
+        response = await forward_stream(ctx, reply, tap)
+        ctx.outcome.upstream_seconds = time.monotonic() - started
+        ctx.outcome.images, ctx.outcome.usage = tap.images, tap.usage
+        return response
+
+
+def images_response(ctx: RequestContext, result: ImagesResult) -> web.Response:
+    want = ctx.request.response_format
+    for image in result.images:
+        if (image.url if want == "url" else image.b64_json) is None:
+            raise GatewayError(
+                500, f"No plugin turned the provider's answer into response_format '{want}' (is the rewrite plugin disabled?).",
+                type="server_error", code="internal_error",
+            )
+    ctx.outcome.images, ctx.outcome.usage = len(result.images), result.usage
+    body = json.dumps(result.to_json()).encode()
+    ctx.outcome.bytes_sent = len(body)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def run_hook(hook, **kwargs) -> None:
+    """Await every implementation in order; the first to raise stops the rest."""
+    results = hook(**kwargs)
+    for index, result in enumerate(results):
+        try:
+            await await_me_maybe(result)
+        except BaseException:
+            for unawaited in results[index + 1 :]:
+                if asyncio.iscoroutine(unawaited):
+                    unawaited.close()
+            raise
+
+
+async def record_usage(ctx: RequestContext) -> None:
+    try:
+        results = ctx.gateway.pm.hook.imgproxy_record_usage(ctx=ctx, outcome=ctx.outcome)
+    except Exception:  # accounting must never turn a served request into an error
+        log.exception("a record_usage hook failed (request %s)", ctx.request_id)
+        return
+    for result in results:
+        try:
+            await await_me_maybe(result)
+        except Exception:
+            log.exception("a record_usage hook failed (request %s)", ctx.request_id)

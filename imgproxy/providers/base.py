@@ -1,0 +1,77 @@
+"""The small interface every provider adapter implements."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, ClassVar
+
+from ..config import ProviderConfig
+from ..errors import GatewayError, upstream_error
+from ..messages import ImageRequest, ImagesResult, RequestContext, StreamedReply
+
+if TYPE_CHECKING:
+    from ..forwarder import Upstream
+
+log = logging.getLogger("imgproxy.upstream")
+
+
+class Provider:
+    """Translates an ImageRequest into one upstream's wire format and its answer back.
+
+    `generate` returns an ImagesResult (parsed) or a StreamedReply (forwarded as it arrives,
+    when the answer is already in the OpenAI shape the client asked for and
+    `ctx.needs_body` is false). It raises GatewayError for every failure.
+    """
+
+    type: ClassVar[str]
+    needs_key: ClassVar[bool] = True
+
+    def __init__(self, config: ProviderConfig, upstream: "Upstream") -> None:
+        self.config = config
+        self.upstream = upstream
+
+    async def generate(self, ctx: RequestContext, request: ImageRequest) -> ImagesResult | StreamedReply:
+        raise NotImplementedError
+
+    def upstream_error_for_status(self, status: int) -> GatewayError:
+        """The error for an upstream status the adapter has no better reading of."""
+        if status in (401, 403):
+            return self.credentials_rejected(status)
+        if status == 404:
+            return upstream_error(
+                f"The provider '{self.config.name}' does not know the model it was asked for; check upstream_model.",
+                code="upstream_model_not_found",
+            )
+        log.warning("provider %s answered HTTP %s", self.config.name, status)
+        return upstream_error(f"The provider '{self.config.name}' failed with HTTP {status}.")
+
+    def timeout(self, ctx: RequestContext) -> float:
+        return ctx.route.model.timeout or self.config.total_timeout
+
+    def require_key(self, model: str) -> str:
+        if self.config.api_key:
+            return self.config.api_key
+        where = " or ".join(self.config.api_key_vars) or f"providers.{self.config.name}.api_key in the config"
+        raise GatewayError(
+            503,
+            f"The model '{model}' is served by the provider '{self.config.name}', which has no API key configured. "
+            f"Set {where} in imgproxy's environment.",
+            type="server_error",
+            code="provider_not_configured",
+        )
+
+    def redact(self, text: str) -> str:
+        """Upstream text that may reach a client, with the provider key removed if it appears."""
+        if self.config.api_key:
+            text = text.replace(self.config.api_key, "[redacted]")
+        return text[:1000]
+
+    def credentials_rejected(self, status: int) -> GatewayError:
+        # The client did nothing wrong: the operator's key is bad, revoked or lacks access.
+        log.error(
+            "provider %s rejected imgproxy's credentials (HTTP %s): check its API key", self.config.name, status
+        )
+        return upstream_error(
+            f"The provider '{self.config.name}' rejected this gateway's credentials; the operator has been told.",
+            code="upstream_auth_failed",
+        )

@@ -1,0 +1,115 @@
+"""OpenAI's Images API (dall-e-2, dall-e-3, GPT image models)."""
+
+from __future__ import annotations
+
+from ..errors import GatewayError, upstream_error
+from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply
+from .base import Provider, log
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+POLICY_CODES = {"content_policy_violation", "moderation_blocked"}
+RESPONSE_EXTRAS = ("background", "output_format", "size", "quality")
+
+
+class OpenAIProvider(Provider):
+    type = "openai"
+
+    async def generate(self, ctx: RequestContext, request: ImageRequest) -> ImagesResult | StreamedReply:
+        key = self.require_key(request.model)
+        upstream_format = self.upstream_format(ctx, request)
+        url = f"{self.config.base_url}/images/generations"
+        resp = await ctx.exit_stack.enter_async_context(
+            self.upstream.request(
+                ctx,
+                self.config,
+                "POST",
+                url,
+                timeout=self.timeout(ctx),
+                json=self.build_body(ctx, request, upstream_format),
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        )
+        if resp.status != 200:
+            raise self.map_error(resp.status, await self.upstream.read_json(resp, self.config) if _is_json(resp) else {}, resp)
+        if request.stream:
+            if resp.content_type != "text/event-stream":
+                raise upstream_error(f"The provider '{self.config.name}' did not answer with an event stream.", code="upstream_bad_response")
+            return StreamedReply(resp, "text/event-stream")
+        if upstream_format == request.response_format and not ctx.needs_body and _is_json(resp):
+            # Peek before the client's status is fixed: garbage must still become a 502.
+            first = await resp.content.readany()
+            if not first.lstrip().startswith(b"{"):
+                raise upstream_error(f"The provider '{self.config.name}' returned an answer that is not a JSON object.", code="upstream_bad_response")
+            return StreamedReply(resp, "application/json", first)
+        return self.parse(await self.upstream.read_json(resp, self.config), request)
+
+    def upstream_format(self, ctx: RequestContext, request: ImageRequest) -> str | None:
+        """What to ask the upstream for: the client's format when the upstream has it, except that
+        an image the gateway will host anyway is best fetched inline (no second download)."""
+        formats = ctx.route.model.capabilities.upstream_formats
+        if len(formats) == 1:
+            return formats[0]
+        if request.response_format == "url" and ctx.gateway.config.images.upstream_urls == "rehost":
+            return "b64_json"
+        return request.response_format
+
+    def build_body(self, ctx: RequestContext, request: ImageRequest, upstream_format: str) -> dict:
+        caps = ctx.route.model.capabilities
+        body = {"model": ctx.route.model.upstream_model, "prompt": request.prompt, "n": request.n, "size": request.size}
+        if request.quality is not None:
+            body["quality"] = request.quality
+        if request.style is not None:
+            body["style"] = request.style
+        if len(caps.upstream_formats) > 1:
+            body["response_format"] = upstream_format
+        if request.user is not None:
+            body["user"] = request.user
+        if caps.upstream_moderation:
+            body["moderation"] = request.moderation
+        body.update(request.options)
+        return body
+
+    def parse(self, body: dict, request: ImageRequest) -> ImagesResult:
+        data = body.get("data")
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise upstream_error(f"The provider '{self.config.name}' returned no image list.", code="upstream_bad_response")
+        content_type = CONTENT_TYPES.get(body.get("output_format") or request.options.get("output_format") or "png")
+        images = []
+        for item in data:
+            b64, url, revised = item.get("b64_json"), item.get("url"), item.get("revised_prompt")
+            if not (isinstance(b64, str) or isinstance(url, str)):
+                raise upstream_error(f"The provider '{self.config.name}' returned an image without data.", code="upstream_bad_response")
+            images.append(GeneratedImage(b64_json=b64, url=url, revised_prompt=revised if isinstance(revised, str) else None, content_type=content_type))
+        created = body.get("created")
+        return ImagesResult(
+            created=created if isinstance(created, int) else 0,
+            images=images,
+            usage=body.get("usage") if isinstance(body.get("usage"), dict) else None,
+            extra={k: body[k] for k in RESPONSE_EXTRAS if isinstance(body.get(k), str)},
+        )
+
+    def map_error(self, status: int, body: dict, resp) -> GatewayError:
+        error = body.get("error") if isinstance(body.get("error"), dict) else {}
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+        message = self.redact(str(error.get("message") or f"HTTP {status}"))
+        if status in (401, 403):
+            return self.credentials_rejected(status)
+        if code in POLICY_CODES or (status == 400 and error.get("type") == "image_generation_user_error"):
+            return GatewayError(400, message, type=error.get("type") or "invalid_request_error", code=code or "content_policy_violation")
+        if status == 429 and code == "insufficient_quota":
+            log.error("provider %s reports its account is out of quota", self.config.name)
+            return upstream_error(f"The provider '{self.config.name}' account has no quota left.", code="upstream_quota_exceeded")
+        if status == 429:
+            retry = resp.headers.get("Retry-After")
+            return GatewayError(
+                429, message, type=error.get("type") or "requests", code=code or "rate_limit_exceeded",
+                headers={"Retry-After": retry} if retry else None,
+            )
+        if status in (400, 422):
+            param = error.get("param") if isinstance(error.get("param"), str) else None
+            return GatewayError(400, message, type=error.get("type") or "invalid_request_error", code=code, param=param)
+        return self.upstream_error_for_status(status)
+
+
+def _is_json(resp) -> bool:
+    return resp.content_type == "application/json"

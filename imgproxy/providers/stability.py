@@ -1,0 +1,93 @@
+"""Stability AI's v1 text-to-image API (SDXL 1.0), translated to and from OpenAI's shape.
+
+Mapping: size → width/height (SDXL takes nine fixed sizes, enforced by the catalog),
+n → samples, quality standard/hd → 30/50 diffusion steps, style vivid/natural → the
+`enhance`/`photographic` style presets (no preset when style is not given). Artifacts whose
+finishReason is CONTENT_FILTERED or ERROR are left out; if none is left, the request fails.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import GatewayError, upstream_error
+from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext
+from .base import Provider, log
+
+STEPS = {"standard": 30, "hd": 50}
+STYLE_PRESETS = {"vivid": "enhance", "natural": "photographic"}
+
+
+class StabilityProvider(Provider):
+    type = "stability"
+
+    async def generate(self, ctx: RequestContext, request: ImageRequest) -> ImagesResult:
+        key = self.require_key(request.model)
+        engine = ctx.route.model.upstream_model
+        url = f"{self.config.base_url}/v1/generation/{engine}/text-to-image"
+        async with self.upstream.request(
+            ctx,
+            self.config,
+            "POST",
+            url,
+            timeout=self.timeout(ctx),
+            json=self.build_body(request),
+            headers={"Authorization": f"Bearer {key}", "Accept": "application/json"},
+        ) as resp:
+            body = await self.upstream.read_json(resp, self.config) if resp.content_type == "application/json" else {}
+            if resp.status != 200:
+                raise self.map_error(resp.status, body)
+            if not body:
+                await self.upstream.read_json(resp, self.config)  # raises the 502 for a non-JSON answer
+            return self.parse(body)
+
+    def build_body(self, request: ImageRequest) -> dict:
+        width, _, height = request.size.partition("x")
+        body = {
+            "text_prompts": [{"text": request.prompt, "weight": 1}],
+            "width": int(width),
+            "height": int(height),
+            "samples": request.n,
+            "steps": STEPS.get(request.quality or "standard", 30),
+        }
+        if request.style in STYLE_PRESETS:
+            body["style_preset"] = STYLE_PRESETS[request.style]
+        return body
+
+    def parse(self, body: dict) -> ImagesResult:
+        artifacts = body.get("artifacts")
+        if not isinstance(artifacts, list) or not all(isinstance(a, dict) for a in artifacts):
+            raise upstream_error(f"The provider '{self.config.name}' returned no artifacts.", code="upstream_bad_response")
+        images, filtered, failed = [], 0, 0
+        for artifact in artifacts:
+            reason = artifact.get("finishReason")
+            if reason == "CONTENT_FILTERED":
+                filtered += 1
+            elif reason == "SUCCESS" and isinstance(artifact.get("base64"), str):
+                images.append(GeneratedImage(b64_json=artifact["base64"], content_type="image/png"))
+            else:
+                failed += 1
+        if not images and filtered:
+            raise GatewayError(
+                400,
+                "Your request was rejected by the provider's content filter.",
+                code="content_policy_violation",
+            )
+        if not images:
+            raise upstream_error(f"The provider '{self.config.name}' generated no usable image.", code="upstream_bad_response")
+        if filtered or failed:
+            log.info("provider %s withheld %d filtered and %d failed artifacts", self.config.name, filtered, failed)
+        return ImagesResult(created=int(time.time()), images=images, filtered=filtered)
+
+    def map_error(self, status: int, body: dict) -> GatewayError:
+        name = body.get("name") if isinstance(body.get("name"), str) else None
+        message = self.redact(str(body.get("message") or f"HTTP {status}"))
+        if status in (401, 403):
+            return self.credentials_rejected(status)
+        if status == 400 and name == "invalid_prompts":
+            return GatewayError(400, message, code="content_policy_violation", param="prompt")
+        if status == 400:
+            return GatewayError(400, message, code=name)
+        if status == 429:
+            return GatewayError(429, message, type="requests", code="rate_limit_exceeded")
+        return self.upstream_error_for_status(status)

@@ -1,0 +1,51 @@
+"""The routing table: a public model name, alias or `provider/model` → model and provider."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Config, ModelConfig, ProviderConfig
+from .errors import GatewayError
+
+
+@dataclass(frozen=True)
+class Route:
+    model: ModelConfig
+    provider: ProviderConfig
+
+
+class RoutingTable:
+    def __init__(self, config: Config) -> None:
+        self._by_name: dict[str, Route] = {}
+        self._by_provider: dict[tuple[str, str], Route] = {}
+        for model in config.models.values():
+            route = Route(model, config.providers[model.provider])
+            for name in (model.name, *model.aliases):
+                self._by_name[name] = route
+                self._by_provider[(model.provider, name)] = route
+            # `openai/dall-e-3` also works when the public name differs from the upstream's.
+            self._by_provider.setdefault((model.provider, model.upstream_model), route)
+
+    def resolve(self, requested: str) -> Route:
+        route = self._by_name.get(requested)
+        if route is None and "/" in requested:
+            provider, _, name = requested.partition("/")
+            route = self._by_provider.get((provider, name))
+        if route is None:
+            raise GatewayError(
+                404,
+                f"The model '{requested}' does not exist or is not served by this gateway.",
+                code="model_not_found",
+                param="model",
+            )
+        return route
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(public name, aliases, provider, upstream model) for every model, for check-config."""
+        seen, rows = set(), []
+        for route in self._by_name.values():
+            if route.model.name not in seen:
+                seen.add(route.model.name)
+                m = route.model
+                rows.append((m.name, ", ".join(m.aliases), f"{route.provider.name} ({route.provider.type})", m.upstream_model))
+        return rows

@@ -1,0 +1,137 @@
+"""The two validation layers: the body against the JSON Schema, then the model's capabilities."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from . import schemafiles
+from .catalog import OPTIONAL_PARAMETERS, Capabilities
+from .errors import GatewayError, invalid_request
+from .messages import ImageRequest
+from .routing import Route
+
+_REQUEST_VALIDATOR = None
+
+
+async def read_json_body(http: web.Request) -> dict:
+    """The request body as a JSON object, or a clear 400/413/415."""
+    if http.content_type != "application/json":
+        raise GatewayError(
+            415,
+            f"Expected a JSON body with Content-Type: application/json, got '{http.content_type or 'none'}'.",
+            code="unsupported_media_type",
+        )
+    try:
+        raw = await http.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise GatewayError(
+            413, f"The request body is larger than the {exc.max_size} bytes this gateway accepts.", code="request_too_large"
+        ) from None
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid_request(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def check_schema(body: dict) -> None:
+    global _REQUEST_VALIDATOR
+    if _REQUEST_VALIDATOR is None:
+        _REQUEST_VALIDATOR = schemafiles.validator(schemafiles.load("image-generation-request.schema.json"))
+    problem = schemafiles.first_error(_REQUEST_VALIDATOR, body)
+    if problem is None:
+        return
+    path, message = problem
+    param = str(path[0]) if path else None
+    if message == "unknown key":
+        raise invalid_request(f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    if message == "is required":
+        raise invalid_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    raise invalid_request(f"Invalid '{param}': {message}.", param=param, code="invalid_value")
+
+
+def check_capabilities(body: dict, route: Route) -> ImageRequest:
+    """Refuse what the model cannot do; fill in its defaults."""
+    model = route.model.name
+    caps = route.model.capabilities
+    given = {k: v for k, v in body.items() if v is not None}
+
+    if len(given["prompt"]) > caps.max_prompt_length:
+        raise invalid_request(
+            f"Invalid 'prompt': {model} takes at most {caps.max_prompt_length} characters, got {len(given['prompt'])}.",
+            param="prompt",
+            code="string_above_max_length",
+        )
+    n = given.get("n", 1)
+    if n > caps.max_n:
+        allowed = "must be 1" if caps.max_n == 1 else f"must be between 1 and {caps.max_n}"
+        raise invalid_request(f"Invalid n for {model}: {allowed}.", param="n", code="invalid_n")
+
+    size = given.get("size", caps.default_size)
+    _check_size(size, model, caps)
+    quality = _choose(given, "quality", caps.qualities, caps.default_quality, model)
+    style = _choose(given, "style", caps.styles, caps.default_style, model)
+
+    options = {}
+    for name in OPTIONAL_PARAMETERS:
+        if name in given:
+            if name not in caps.parameters:
+                raise invalid_request(f"'{name}' is not supported by {model}.", param=name, code="unsupported_parameter")
+            options[name] = given[name]
+    response_format = given.get("response_format", caps.default_response_format)
+    if options.get("stream") and response_format == "url":
+        raise invalid_request(
+            "stream=true returns base64 images as server-sent events; response_format 'url' cannot be streamed.",
+            param="response_format",
+            code="invalid_value",
+        )
+    return ImageRequest(
+        prompt=given["prompt"],
+        model=model,
+        n=n,
+        size=size,
+        response_format=response_format,
+        moderation=given.get("moderation", "auto"),
+        quality=quality,
+        style=style,
+        user=given.get("user"),
+        options=options,
+    )
+
+
+def _check_size(size: str, model: str, caps: Capabilities) -> None:
+    if size in caps.sizes:
+        return
+    if caps.custom_sizes and size != "auto":
+        width, _, height = size.partition("x")
+        if caps.custom_sizes.allows(int(width), int(height)):
+            return
+    allowed = _or_list(caps.sizes)
+    if caps.custom_sizes:
+        allowed += f", or {caps.custom_sizes.describe()}"
+    raise invalid_request(f"Invalid size for {model}: must be {allowed}", param="size", code="invalid_size")
+
+
+def _choose(given: dict, param: str, allowed: tuple[str, ...], default: str | None, model: str) -> str | None:
+    if param not in given:
+        return default
+    value = given[param]
+    if not allowed:
+        raise invalid_request(f"'{param}' is not supported by {model}.", param=param, code="unsupported_parameter")
+    if value not in allowed:
+        raise invalid_request(
+            f"Invalid {param} for {model}: must be {_or_list(allowed)}", param=param, code=f"invalid_{param}"
+        )
+    return value
+
+
+def _or_list(values: tuple[str, ...]) -> str:
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return f"{values[0]} or {values[1]}"
+    return ", ".join(values[:-1]) + f", or {values[-1]}"

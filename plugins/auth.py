@@ -1,0 +1,120 @@
+"""Client authentication: `Authorization: Bearer <key>` against the keys in proxy.yaml.
+
+Keys are kept only as SHA-256 digests and compared in constant time. With no key configured
+at all, a random key is generated at start-up and printed once, so a fresh gateway is never
+open to anyone who can reach it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sys
+from dataclasses import dataclass, field
+
+from imgproxy.config import ConfigError
+from imgproxy.errors import GatewayError
+from imgproxy.hookspecs import hookimpl
+from imgproxy.messages import Identity
+
+SECTION_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "api_keys": {
+            "type": "string",
+            "description": "Comma-separated client keys, usually ${IMGPROXY_API_KEYS}; named `default` (one key) or key-1, key-2, ….",
+        },
+        "keys": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$", "description": "Label used in logs, metrics and usage records."},
+                    "key": {"type": "string", "minLength": 16, "description": "The key itself, usually ${ENV_VAR}."},
+                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "Hex SHA-256 of the key, instead of the key."},
+                    "disabled": {"type": "boolean", "description": "Refuse this key with 401 without deleting it."},
+                },
+                "oneOf": [{"required": ["key"]}, {"required": ["sha256"]}],
+            },
+        },
+    },
+}
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    name: str
+    digest: bytes
+    disabled: bool = False
+    settings: dict = field(default_factory=dict)
+
+
+class AuthPlugin:
+    def __init__(self) -> None:
+        self.keys: tuple[ClientKey, ...] = ()
+        self.generated: str | None = None
+
+    @hookimpl
+    def imgproxy_config_schema(self):
+        return {"auth": SECTION_SCHEMA}
+
+    @hookimpl
+    def imgproxy_configure(self, gateway):
+        section = gateway.config.sections.get("auth", {})
+        keys, names = [], set()
+        env_keys = [k.strip() for k in section.get("api_keys", "").split(",") if k.strip()]
+        for i, key in enumerate(env_keys, 1):
+            keys.append(ClientKey("default" if len(env_keys) == 1 else f"key-{i}", digest(key)))
+        for i, entry in enumerate(section.get("keys", [])):
+            settings = {k: v for k, v in entry.items() if k not in ("key", "sha256")}
+            key_digest = digest(entry["key"]) if "key" in entry else bytes.fromhex(entry["sha256"])
+            keys.append(ClientKey(entry["name"], key_digest, entry.get("disabled", False), settings))
+        for key in keys:
+            if key.name in names:
+                raise ConfigError(gateway.config.source, f"auth.keys: {key.name}", "key names must be unique")
+            names.add(key.name)
+        if not keys:
+            self.generated = "sk-imgproxy-" + secrets.token_urlsafe(24)
+            keys.append(ClientKey("generated", digest(self.generated)))
+        self.keys = tuple(keys)
+
+    @hookimpl
+    def imgproxy_startup(self, gateway):
+        if self.generated:
+            # Printed once, like a notebook server's token; never written to the log.
+            print(
+                "imgproxy: no client keys are configured (auth.api_keys / IMGPROXY_API_KEYS), so this run "
+                f"accepts one generated key:\n\n    {self.generated}\n",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    @hookimpl
+    def imgproxy_authenticate(self, ctx):
+        header = ctx.http.headers.get("Authorization")
+        if header is None:
+            return None
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or " " in token:
+            raise GatewayError(
+                401, "The Authorization header must be 'Bearer <your imgproxy key>'.", code="invalid_api_key"
+            )
+        presented = digest(token)
+        match = None
+        for key in self.keys:  # no early exit: the time taken does not depend on which key matched
+            if hmac.compare_digest(key.digest, presented):
+                match = key
+        if match is None:
+            return None
+        if match.disabled:
+            raise GatewayError(401, f"The API key '{match.name}' has been disabled.", code="api_key_disabled")
+        return Identity(match.name, match.settings)

@@ -1,0 +1,57 @@
+"""Shaping every provider's answer as the client asked: `url` or `b64_json`.
+
+Base64 images become URLs on imgproxy itself (stored, HMAC-signed, expiring); provider URLs
+are re-hosted or passed through (`images.upstream_urls`); URLs become base64 when the client
+wants the image inline. Provider URLs are fetched only from that provider's own hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from urllib.parse import urlencode
+
+from imgproxy.errors import upstream_error
+from imgproxy.hookspecs import hookimpl
+from imgproxy.messages import GeneratedImage, RequestContext
+
+FETCH_TIMEOUT = 60.0
+
+
+class RewritePlugin:
+    @hookimpl
+    async def imgproxy_rewrite_response(self, ctx: RequestContext, result):
+        want = ctx.request.response_format
+        await asyncio.gather(*(self._convert(ctx, image, want) for image in result.images))
+
+    async def _convert(self, ctx: RequestContext, image: GeneratedImage, want: str) -> None:
+        images = ctx.gateway.config.images
+        if want == "b64_json":
+            if image.b64_json is None:
+                data, image.content_type = await self._fetch(ctx, image.url)
+                image.b64_json, image.url = base64.b64encode(data).decode(), None
+            return
+        if image.b64_json is not None:
+            try:
+                data = base64.b64decode(image.b64_json, validate=True)
+            except binascii.Error:
+                raise upstream_error("The provider returned an image that is not valid base64.", code="upstream_bad_response") from None
+            image.url, image.b64_json = await self._host(ctx, data, image.content_type), None
+        elif images.upstream_urls == "rehost":
+            data, image.content_type = await self._fetch(ctx, image.url)
+            image.url = await self._host(ctx, data, image.content_type)
+
+    async def _fetch(self, ctx: RequestContext, url: str) -> tuple[bytes, str]:
+        return await ctx.gateway.upstream.fetch_image(
+            ctx, ctx.route.provider, url, max_bytes=ctx.gateway.config.images.max_image_bytes, timeout=FETCH_TIMEOUT
+        )
+
+    async def _host(self, ctx: RequestContext, data: bytes, content_type: str) -> str:
+        gateway = ctx.gateway
+        name = await gateway.store.put(data, content_type)
+        expires = int(time.time()) + gateway.config.images.url_ttl
+        query = urlencode({"expires": expires, "signature": gateway.signer.signature(name, expires)})
+        base = gateway.config.images.public_base_url or f"{ctx.http.scheme}://{ctx.http.host}"
+        return f"{base}/v1/images/files/{name}?{query}"
