@@ -23,7 +23,7 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
     # nor make the gateway read and validate their bodies.
     ctx.identity = await authenticate(ctx)
     try:
-        ctx.body = await read_json_body(ctx.http)
+        ctx.body = await read_json_body(ctx.http, ctx.gateway.config.server.max_body_bytes)
         check_schema(ctx.body)
         ctx.route = ctx.gateway.routing.resolve(requested_model(ctx))
         ctx.request = check_capabilities(ctx.body, ctx.route)

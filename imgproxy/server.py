@@ -57,8 +57,6 @@ async def error_envelope(request: web.Request, handler):
         return await handler(request)
     except GatewayError as error:
         return error.to_response()
-    except web.HTTPRequestEntityTooLarge as exc:
-        return GatewayError(413, f"The request body is larger than the {exc.max_size} bytes this gateway accepts.", code="request_too_large").to_response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -15,7 +15,7 @@ from .routing import Route
 _REQUEST_VALIDATOR = None
 
 
-async def read_json_body(http: web.Request) -> dict:
+async def read_json_body(http: web.Request, max_bytes: int) -> dict:
     """The request body as a JSON object, or a clear 400/413/415."""
     if http.content_type != "application/json":
         raise GatewayError(
@@ -25,9 +25,9 @@ async def read_json_body(http: web.Request) -> dict:
         )
     try:
         raw = await http.read()
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         raise GatewayError(
-            413, f"The request body is larger than the {exc.max_size} bytes this gateway accepts.", code="request_too_large"
+            413, f"The request body is larger than the {max_bytes} bytes this gateway accepts.", code="request_too_large"
         ) from None
     try:
         body = json.loads(raw)

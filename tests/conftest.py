@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+
+from imgproxy.gateway import Gateway
+from imgproxy.server import create_app
+from tests.fakes import FakeOpenAI, FakeStability, FakeUpstream, openai_validator
+
+CLIENT_KEY = "sk-client-test-key-0001"
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+IMAGES_RESPONSE = openai_validator("ImagesResponse")
+ERROR_RESPONSE = openai_validator("ErrorResponse")
+
+
+def gateway_config(openai_url: str, stability_url: str, image_dir: str, extra: str = "", total_timeout: float = 5) -> str:
+    return f"""
+auth:
+  keys:
+    - name: team-a
+      key: {CLIENT_KEY}
+providers:
+  openai:
+    type: openai
+    base_url: {openai_url}/v1
+    api_key: {FakeUpstream.key}
+    timeouts: {{connect: 2, total: {total_timeout}}}
+  stability:
+    type: stability
+    base_url: {stability_url}
+    api_key: {FakeUpstream.key}
+  placeholder:
+    type: placeholder
+models:
+  dall-e-2: {{provider: openai}}
+  dall-e-3: {{provider: openai}}
+  gpt-image-1: {{provider: openai}}
+  stable-diffusion-xl-1024-v1-0: {{provider: stability, aliases: [sdxl]}}
+  placeholder: {{provider: placeholder}}
+images:
+  directory: {image_dir}
+  signing_key: test-signing-key
+{extra}
+"""
+
+
+@pytest.fixture
+async def fake_openai(aiohttp_server):
+    fake = FakeOpenAI()
+    server = await aiohttp_server(fake.app())
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    yield fake
+    assert fake.invalid == [], f"imgproxy sent OpenAI a request outside the spec: {fake.invalid}"
+
+
+@pytest.fixture
+async def fake_stability(aiohttp_server):
+    fake = FakeStability()
+    server = await aiohttp_server(fake.app())
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    yield fake
+    assert fake.invalid == [], f"imgproxy sent Stability a request outside the spec: {fake.invalid}"
+
+
+@pytest.fixture
+def config_text(fake_openai, fake_stability, tmp_path):
+    def make(extra: str = "", **kwargs) -> str:
+        return gateway_config(fake_openai.base_url, fake_stability.base_url, str(tmp_path / "images"), extra, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def make_client(aiohttp_client, config_text):
+    async def make(text: str | None = None, *, extra: str = "", env: dict | None = None, plugins=(), **kwargs):
+        gateway = await Gateway.load(text=text or config_text(extra, **kwargs), env=env or {}, extra_plugins=plugins)
+        client = await aiohttp_client(create_app(gateway))
+        client.gateway = gateway
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client):
+    return await make_client()
+
+
+async def assert_error(resp, status: int, code: str | None, param: str | None = None) -> dict:
+    body = await resp.json()
+    assert resp.status == status, body
+    assert list(ERROR_RESPONSE.iter_errors(body)) == [], body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["param"] == param, body
+    assert resp.headers.get("x-request-id")
+    return body["error"]
+
+
+async def images_body(resp) -> dict:
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert list(IMAGES_RESPONSE.iter_errors(body)) == [], body
+    return body
+
+
+async def download(client, url: str):
+    """GET an absolute URL the gateway returned (it points at the gateway itself)."""
+    assert url.startswith(str(client.make_url("/"))), url
+    return await client.session.get(url)

@@ -1,0 +1,213 @@
+"""Fake OpenAI and Stability upstreams that speak the published wire formats, record what
+they receive, and fail on cue. Every request body they get is validated against the spec."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from aiohttp import web
+from jsonschema import Draft202012Validator
+
+SPECS = Path(__file__).parent / "specs"
+OPENAI_SCHEMA = json.loads((SPECS / "openai-images.schema.json").read_text())
+STABILITY_SPEC = yaml.safe_load((SPECS / "stability.yaml").read_text())
+
+
+def openai_validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator({"$ref": f"#/$defs/{name}", "$defs": OPENAI_SCHEMA["$defs"]})
+
+
+def stability_validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": STABILITY_SPEC["components"]})
+
+
+def tiny_png(width: int = 2, height: int = 2, rgb: bytes = b"\x10\x80\xf0") -> bytes:
+    """A valid PNG, made here so the fakes do not depend on the code under test."""
+    raw = (b"\x00" + rgb * width) * height
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+FAKE_PNG = tiny_png()
+FAKE_B64 = base64.b64encode(FAKE_PNG).decode()
+
+
+@dataclass
+class Cue:
+    """How the fake answers the next request instead of normally."""
+
+    status: int = 200
+    body: object = None  # JSON-serialisable, or bytes sent as they are
+    content_type: str = "application/json"
+    delay: float = 0.0
+    cut: bool = False  # promise a long body, send a little, drop the connection
+    headers: dict = field(default_factory=dict)
+
+
+class FakeUpstream:
+    key = "sk-upstream-secret-0123456789"
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.invalid: list[str] = []  # spec violations in what imgproxy sent
+        self.cues: list[Cue] = []
+        self.delay = 0.0
+        self.base_url = ""
+        # When set, a stream pauses after its first event until the test releases it.
+        self.hold: asyncio.Event | None = None
+
+    def cue(self, **kwargs) -> None:
+        self.cues.append(Cue(**kwargs))
+
+    def authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self.key}"
+
+    async def record(self, request: web.Request, validator: Draft202012Validator) -> dict:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(request.headers.copy())
+        self.invalid.extend(e.message for e in validator.iter_errors(body))
+        return body
+
+    async def answer_cue(self, request: web.Request) -> web.StreamResponse | None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if not self.cues:
+            return None
+        cue = self.cues.pop(0)
+        await asyncio.sleep(cue.delay)
+        if cue.cut:
+            resp = web.StreamResponse(status=cue.status, headers={"Content-Type": cue.content_type})
+            resp.content_length = 100_000
+            await resp.prepare(request)
+            await resp.write(b'{"created": 1, "data": [{"b64_json": "iVBOR')
+            request.transport.close()
+            return resp
+        raw = cue.body if isinstance(cue.body, bytes) else json.dumps(cue.body).encode()
+        return web.Response(status=cue.status, body=raw, content_type=cue.content_type, headers=cue.headers)
+
+
+class FakeOpenAI(FakeUpstream):
+    """POST /v1/images/generations as OpenAI answers it; image URLs served from /files/."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validator = openai_validator("CreateImageRequest")
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/images/generations", self.generations)
+        app.router.add_get("/files/{name}", self.file)
+        return app
+
+    async def file(self, request: web.Request) -> web.Response:
+        return web.Response(body=FAKE_PNG, content_type="image/png")
+
+    async def generations(self, request: web.Request) -> web.StreamResponse:
+        if not self.authorized(request):
+            return web.json_response(
+                {"error": {"message": "Incorrect API key provided: sk-up***789.", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
+                status=401,
+            )
+        body = await self.record(request, self.validator)
+        cued = await self.answer_cue(request)
+        if cued is not None:
+            return cued
+        model = body.get("model", "dall-e-2")
+        gpt_image = model.startswith("gpt-image")
+        if "forbidden" in body["prompt"]:
+            code, kind = ("moderation_blocked", "image_generation_user_error") if gpt_image else ("content_policy_violation", "invalid_request_error")
+            return web.json_response(
+                {"error": {"message": "Your request was rejected as a result of our safety system.", "type": kind, "param": None, "code": code}},
+                status=400,
+            )
+        usage = {"total_tokens": 100, "input_tokens": 50, "output_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}}
+        if body.get("stream"):
+            return await self.stream(request, body, usage)
+        data = []
+        for i in range(body.get("n") or 1):
+            item = {"b64_json": FAKE_B64} if gpt_image or body.get("response_format") == "b64_json" else {"url": f"{self.base_url}/files/img-{i}.png?se=2026"}
+            if model == "dall-e-3":
+                item["revised_prompt"] = "Revised: " + body["prompt"]
+            data.append(item)
+        answer = {"created": int(time.time()), "data": data}
+        if gpt_image:
+            answer.update(usage=usage, background="opaque", output_format=body.get("output_format", "png"), size="1024x1024", quality="high")
+        return web.json_response(answer)
+
+    async def stream(self, request: web.Request, body: dict, usage: dict) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        common = {"created_at": int(time.time()), "size": "1024x1024", "quality": "high", "background": "opaque", "output_format": "png"}
+        for i in range(body.get("partial_images") or 0):
+            event = {"type": "image_generation.partial_image", "b64_json": FAKE_B64, "partial_image_index": i, **common}
+            await resp.write(f"event: image_generation.partial_image\ndata: {json.dumps(event)}\n\n".encode())
+            if self.hold is not None:
+                await self.hold.wait()
+        event = {"type": "image_generation.completed", "b64_json": FAKE_B64, "usage": usage, **common}
+        await resp.write(f"event: image_generation.completed\ndata: {json.dumps(event)}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+
+class FakeStability(FakeUpstream):
+    """POST /v1/generation/{engine_id}/text-to-image as Stability's v1 API answers it."""
+
+    SDXL = {"1024x1024", "1152x896", "1216x832", "1344x768", "1536x640", "640x1536", "768x1344", "832x1216", "896x1152"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validator = stability_validator("V1TextToImageRequestBody")
+        self.engines: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/generation/{engine_id}/text-to-image", self.text_to_image)
+        return app
+
+    def error(self, status: int, name: str, message: str) -> web.Response:
+        # Stability's real error bodies are {id, name, message} (no `status`).
+        return web.json_response({"id": "296a972f-666a-44a1-a3df-c9c28a1f56c0", "name": name, "message": message}, status=status)
+
+    async def text_to_image(self, request: web.Request) -> web.StreamResponse:
+        if not self.authorized(request):
+            return self.error(401, "unauthorized", "missing authorization header")
+        body = await self.record(request, self.validator)
+        self.engines.append(request.match_info["engine_id"])
+        cued = await self.answer_cue(request)
+        if cued is not None:
+            return cued
+        if request.match_info["engine_id"] != "stable-diffusion-xl-1024-v1-0":
+            return self.error(404, "not_found", f"The specified engine (ID {request.match_info['engine_id']}) was not found.")
+        if f"{body.get('width')}x{body.get('height')}" not in self.SDXL:
+            return self.error(400, "invalid_sdxl_v1_dimensions", "Incorrect dimensions specified for SDXL v0.9 or v1.0 engine.")
+        if "forbidden" in body["text_prompts"][0]["text"]:
+            return self.error(400, "invalid_prompts", "One or more of the prompts contains filtered words")
+        artifacts = []
+        for i in range(body.get("samples", 1)):
+            reason = "CONTENT_FILTERED" if "blurry" in body["text_prompts"][0]["text"] and i == 0 else "SUCCESS"
+            artifacts.append({"base64": FAKE_B64, "finishReason": reason, "seed": 1050625087 + i})
+        return web.json_response({"artifacts": artifacts})
