@@ -48,6 +48,13 @@ class Provider:
     def timeout(self, ctx: RequestContext) -> float:
         return ctx.route.model.timeout or self.config.total_timeout
 
+    def can_stream_through(self, ctx: RequestContext, upstream_format: str) -> bool:
+        """Whether an OpenAI-shaped answer in `upstream_format` can go to the client unchanged."""
+        wanted = ctx.request.response_format
+        if ctx.needs_body or upstream_format != wanted:
+            return False
+        return wanted == "b64_json" or ctx.gateway.config.images.upstream_urls == "passthrough"
+
     def require_key(self, model: str) -> str:
         if self.config.api_key:
             return self.config.api_key

@@ -35,7 +35,7 @@ class OpenAIProvider(Provider):
             if resp.content_type != "text/event-stream":
                 raise upstream_error(f"The provider '{self.config.name}' did not answer with an event stream.", code="upstream_bad_response")
             return StreamedReply(resp, "text/event-stream")
-        if upstream_format == request.response_format and not ctx.needs_body and _is_json(resp):
+        if self.can_stream_through(ctx, upstream_format) and _is_json(resp):
             # Peek before the client's status is fixed: garbage must still become a 502.
             first = await resp.content.readany()
             if not first.lstrip().startswith(b"{"):

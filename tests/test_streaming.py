@@ -1,0 +1,62 @@
+"""stream=true: GPT image server-sent events pass through one by one as they arrive."""
+
+import asyncio
+import json
+
+from tests.conftest import AUTH, assert_error
+from tests.fakes import openai_validator
+
+URL = "/v1/images/generations"
+PARTIAL = openai_validator("ImageGenPartialImageEvent")
+COMPLETED = openai_validator("ImageGenCompletedEvent")
+
+
+async def read_event(resp) -> tuple[str, dict]:
+    lines = []
+    while True:
+        line = (await resp.content.readline()).decode()
+        if line == "\n":
+            break
+        assert line, "stream ended before the event did"
+        lines.append(line.rstrip("\n"))
+    fields = dict(line.split(": ", 1) for line in lines)
+    return fields["event"], json.loads(fields["data"])
+
+
+async def test_events_arrive_before_the_upstream_finishes(client, fake_openai):
+    fake_openai.hold = asyncio.Event()
+    resp = await client.post(URL, json={"model": "gpt-image-1", "prompt": "x", "stream": True, "partial_images": 2}, headers=AUTH)
+    assert resp.status == 200 and resp.content_type == "text/event-stream"
+    # The upstream is paused after its first event: the client must already have it.
+    kind, event = await asyncio.wait_for(read_event(resp), timeout=3)
+    assert kind == "image_generation.partial_image" and list(PARTIAL.iter_errors(event)) == []
+    fake_openai.hold.set()
+    kind, event = await read_event(resp)
+    assert kind == "image_generation.partial_image" and event["partial_image_index"] == 1
+    kind, event = await read_event(resp)
+    assert kind == "image_generation.completed" and list(COMPLETED.iter_errors(event)) == []
+    assert event["usage"]["total_tokens"] == 100
+    assert await resp.content.read() == b""
+    sent = fake_openai.requests[-1]
+    assert sent["stream"] is True and sent["partial_images"] == 2
+
+
+async def test_upstream_error_before_the_stream_is_an_envelope(client):
+    resp = await client.post(URL, json={"model": "gpt-image-1", "prompt": "forbidden", "stream": True}, headers=AUTH)
+    await assert_error(resp, 400, "moderation_blocked")
+
+
+async def test_upstream_answering_json_to_a_stream_request_is_502(client, fake_openai):
+    fake_openai.cue(body={"created": 1, "data": []})
+    resp = await client.post(URL, json={"model": "gpt-image-1", "prompt": "x", "stream": True}, headers=AUTH)
+    await assert_error(resp, 502, "upstream_bad_response")
+
+
+async def test_stream_cut_midway_ends_with_an_error_event(client, fake_openai):
+    fake_openai.cue(cut=True, content_type="text/event-stream")
+    resp = await client.post(URL, json={"model": "gpt-image-1", "prompt": "x", "stream": True}, headers=AUTH)
+    assert resp.status == 200
+    text = (await resp.read()).decode()
+    assert "event: error" in text
+    error = json.loads(text.split("event: error\ndata: ", 1)[1])
+    assert error["error"]["code"] == "upstream_bad_response"
