@@ -130,6 +130,14 @@ class Capabilities:
     # Which of url / b64_json the upstream itself can return; the gateway converts the rest.
     upstream_formats: tuple[str, ...] = ("url", "b64_json")
 
+    def allows_size(self, size: str) -> bool:
+        if size in self.sizes:
+            return True
+        if self.custom_sizes is None or size == "auto":
+            return False
+        width, _, height = size.partition("x")
+        return self.custom_sizes.allows(int(width), int(height))
+
     @classmethod
     def from_dict(cls, spec: dict) -> "Capabilities":
         custom = spec.get("custom_sizes")

@@ -216,7 +216,7 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
 
 
 def _check_capabilities(caps: Capabilities, source: str, path: list) -> None:
-    if caps.default_size not in caps.sizes and not (caps.custom_sizes and caps.default_size != "auto"):
+    if not caps.allows_size(caps.default_size):
         raise ConfigError(source, path + ["default_size"], f"{caps.default_size!r} is not among the sizes {list(caps.sizes)}")
     for value, allowed, key in (
         (caps.default_quality, caps.qualities, "default_quality"),

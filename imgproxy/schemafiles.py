@@ -42,6 +42,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
         wanted = error.validator_value
         wanted = " or ".join(wanted) if isinstance(wanted, list) else wanted
         return f"must be of type {wanted}, not {_json_type(error.instance)}"
+    if error.validator == "oneOf" and all(set(branch) == {"required"} for branch in error.validator_value):
+        names = [name for branch in error.validator_value for name in branch["required"]]
+        return "needs exactly one of: " + ", ".join(names)
     if error.validator == "enum":
         return "must be one of " + ", ".join(json.dumps(v) for v in error.validator_value)
     return error.message

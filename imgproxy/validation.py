@@ -104,12 +104,8 @@ def check_capabilities(body: dict, route: Route) -> ImageRequest:
 
 
 def _check_size(size: str, model: str, caps: Capabilities) -> None:
-    if size in caps.sizes:
+    if caps.allows_size(size):
         return
-    if caps.custom_sizes and size != "auto":
-        width, _, height = size.partition("x")
-        if caps.custom_sizes.allows(int(width), int(height)):
-            return
     allowed = _or_list(caps.sizes)
     if caps.custom_sizes:
         allowed += f", or {caps.custom_sizes.describe()}"

@@ -1,0 +1,85 @@
+"""plugins/auth: bearer keys from the config, compared as SHA-256 digests in constant time."""
+
+import hashlib
+
+import pytest
+
+from tests.conftest import AUTH, CLIENT_KEY, assert_error, images_body
+
+URL = "/v1/images/generations"
+BODY = {"model": "placeholder", "prompt": "x", "response_format": "b64_json"}
+
+
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        ({}, "didn't provide an API key"),
+        ({"Authorization": "Bearer sk-not-a-client-key"}, "Incorrect API key"),
+        ({"Authorization": f"Basic {CLIENT_KEY}"}, "must be 'Bearer"),
+        ({"Authorization": "Bearer"}, "must be 'Bearer"),
+        ({"Authorization": "Bearer   "}, "must be 'Bearer"),
+        ({"Authorization": f"Bearer {CLIENT_KEY} extra"}, "must be 'Bearer"),
+        ({"Authorization": "Bearer \u00e9t\u00e9-key"}, "Incorrect API key"),
+    ],
+)
+async def test_refused(client, headers, message):
+    error = await assert_error(await client.post(URL, json=BODY, headers=headers), 401, "invalid_api_key")
+    assert message in error["message"]
+    assert CLIENT_KEY not in error["message"]
+
+
+async def test_authentication_comes_before_validation(client):
+    # An anonymous caller learns nothing about models or parameters.
+    resp = await client.post(URL, json={"model": "no-such-model"})
+    await assert_error(resp, 401, "invalid_api_key")
+
+
+async def test_keys_from_list_hash_and_env_string(make_client, config_text):
+    text = config_text().replace(
+        f"key: {CLIENT_KEY}",
+        f"key: {CLIENT_KEY}\n    - name: hashed\n      sha256: {hashlib.sha256(b'sk-hashed-key-abcdef').hexdigest()}"
+        "\n    - name: paused\n      key: sk-disabled-key-000000\n      disabled: true\n  api_keys: sk-env-one-0000000, sk-env-two-0000000",
+    )
+    client = await make_client(text)
+    for key in (CLIENT_KEY, "sk-hashed-key-abcdef", "sk-env-one-0000000", "sk-env-two-0000000"):
+        await images_body(await client.post(URL, json=BODY, headers={"Authorization": f"Bearer {key}"}))
+    error = await assert_error(await client.post(URL, json=BODY, headers={"Authorization": "Bearer sk-disabled-key-000000"}), 401, "api_key_disabled")
+    assert "'paused'" in error["message"] and "disabled" in error["message"]
+
+
+async def test_no_keys_generates_one_and_prints_it_once(make_client, config_text, capsys):
+    text = config_text().replace(f"auth:\n  keys:\n    - name: team-a\n      key: {CLIENT_KEY}\n", "")
+    client = await make_client(text)
+    printed = capsys.readouterr().err
+    generated = next(word for word in printed.split() if word.startswith("sk-imgproxy-"))
+    await images_body(await client.post(URL, json=BODY, headers={"Authorization": f"Bearer {generated}"}))
+    await assert_error(await client.post(URL, json=BODY), 401, "invalid_api_key")
+
+
+async def test_duplicate_key_names_are_a_config_error(make_client, config_text):
+    from imgproxy.config import ConfigError
+
+    text = config_text().replace(f"key: {CLIENT_KEY}", f"key: {CLIENT_KEY}\n    - name: team-a\n      key: sk-another-key-0000000")
+    with pytest.raises(ConfigError, match="unique"):
+        await make_client(text)
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        ("- name: x\n      key: short", "auth.keys.1.key"),
+        ("- name: x\n      sha256: nothex", "auth.keys.1.sha256"),
+        ("- name: x", "auth.keys.1"),
+        ("- name: x\n      key: sk-long-enough-key-000\n      sha256: 87973c716a2e9ae4e8cc6a7b3a1d6f8b7e1cf13bd0eb4c53fb0a4b1f2a8c9d10", "auth.keys.1"),
+        ("- name: x\n      key: sk-long-enough-key-000\n      colour: red", "auth.keys.1.colour"),
+    ],
+)
+async def test_bad_key_entries(make_client, config_text, entry, problem):
+    from imgproxy.config import ConfigError
+
+    text = config_text().replace(f"key: {CLIENT_KEY}", f"key: {CLIENT_KEY}\n    {entry}")
+    with pytest.raises(ConfigError) as caught:
+        await make_client(text)
+    assert caught.value.path == problem
+    if problem == "auth.keys.1":
+        assert caught.value.problem == "needs exactly one of: key, sha256"

@@ -1,0 +1,264 @@
+"""The hook chain: order, async hooks, refusals, and a third-party plugin installed by pip."""
+
+import base64
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from imgproxy import hookspecs
+from imgproxy.errors import GatewayError
+from imgproxy.hookspecs import hookimpl
+from imgproxy.messages import Identity
+from tests.conftest import AUTH, assert_error, images_body
+
+URL = "/v1/images/generations"
+BODY = {"model": "dall-e-3", "prompt": "a lighthouse", "response_format": "b64_json"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Recorder:
+    """Implements every request hook, some sync and some async, and records the calls."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.calls: list[str] = []
+        self.refuse = refuse
+        self.outcome = None
+
+    @hookimpl
+    def imgproxy_authenticate(self, ctx):
+        self.calls.append("authenticate")
+        return None  # not ours: the auth plugin decides
+
+    @hookimpl
+    async def imgproxy_check_request(self, ctx):
+        self.calls.append(f"check_request:{ctx.identity.name}:{ctx.request.model}")
+        if self.refuse:
+            raise GatewayError(403, "Refused by policy.", code="policy_refused")
+        ctx.needs_body = True  # so the rewrite hook sees even a pass-through answer
+
+    @hookimpl
+    async def imgproxy_rewrite_response(self, ctx, result):
+        self.calls.append(f"rewrite_response:{len(result.images)}")
+        for image in result.images:
+            image.revised_prompt = "rewritten"
+
+    @hookimpl
+    def imgproxy_record_usage(self, ctx, outcome):
+        self.calls.append(f"record_usage:{outcome.status}")
+        self.outcome = outcome
+
+
+async def test_hooks_run_in_order(make_client, fake_openai):
+    recorder = Recorder()
+    client = await make_client(plugins=[recorder])
+    body = await images_body(await client.post(URL, json=BODY, headers=AUTH))
+    assert body["data"][0]["revised_prompt"] == "rewritten"
+    assert recorder.calls == ["authenticate", "check_request:team-a:dall-e-3", "rewrite_response:1", "record_usage:200"]
+    assert recorder.outcome.images == 1 and recorder.outcome.upstream_seconds > 0
+
+
+async def test_a_refusal_stops_before_the_upstream_and_is_recorded(make_client, fake_openai):
+    recorder = Recorder(refuse=True)
+    client = await make_client(plugins=[recorder])
+    error = await assert_error(await client.post(URL, json=BODY, headers=AUTH), 403, "policy_refused")
+    assert error["message"] == "Refused by policy."
+    assert fake_openai.requests == []
+    assert recorder.calls[-1] == "record_usage:403" and recorder.outcome.error_code == "policy_refused"
+
+
+async def test_record_usage_sees_upstream_failures(make_client, fake_openai):
+    recorder = Recorder()
+    client = await make_client(plugins=[recorder])
+    fake_openai.cue(status=500, body={})
+    await assert_error(await client.post(URL, json=BODY, headers=AUTH), 502, "upstream_error")
+    assert recorder.calls[-1] == "record_usage:502"
+
+
+async def test_streamed_answers_are_counted_without_a_rewrite(make_client):
+    class Counter:
+        outcome = None
+
+        @hookimpl
+        def imgproxy_record_usage(self, ctx, outcome):
+            Counter.outcome = outcome
+
+    client = await make_client(plugins=[Counter()])
+    await images_body(await client.post(URL, json={"model": "gpt-image-1", "prompt": "x", "n": 3}, headers=AUTH))
+    assert Counter.outcome.images == 3 and Counter.outcome.usage["total_tokens"] == 100
+    assert Counter.outcome.bytes_sent > 0
+    resp = await client.post(URL, json={"model": "gpt-image-1", "prompt": "x", "stream": True, "partial_images": 2}, headers=AUTH)
+    await resp.read()
+    assert Counter.outcome.images == 1 and Counter.outcome.usage["output_tokens"] == 50
+
+
+async def test_a_failing_record_usage_hook_does_not_fail_the_request(make_client, caplog):
+    class Broken:
+        @hookimpl
+        async def imgproxy_record_usage(self, ctx, outcome):
+            raise RuntimeError("billing database down")
+
+    client = await make_client(plugins=[Broken()])
+    await images_body(await client.post(URL, json={"model": "placeholder", "prompt": "x"}, headers=AUTH))
+    assert "billing database down" in caplog.text
+
+
+async def test_first_identity_wins_and_later_async_hooks_are_not_awaited(make_client):
+    class HeaderAuth:
+        @hookimpl(tryfirst=True)
+        async def imgproxy_authenticate(self, ctx):
+            if ctx.http.headers.get("X-Internal-Service") == "renderer":
+                return Identity("renderer")
+            return None
+
+    seen = []
+
+    class Seen:
+        @hookimpl
+        def imgproxy_check_request(self, ctx):
+            seen.append(ctx.identity.name)
+
+    client = await make_client(plugins=[HeaderAuth(), Seen()])
+    await images_body(await client.post(URL, json={"model": "placeholder", "prompt": "x"}, headers={"X-Internal-Service": "renderer"}))
+    await images_body(await client.post(URL, json={"model": "placeholder", "prompt": "x"}, headers=AUTH))
+    assert seen == ["renderer", "team-a"]
+
+
+async def test_rewrite_plugin_disabled_is_a_clear_error_for_conversions(make_client, config_text):
+    client = await make_client(config_text(extra="plugins: {disable: [rewrite]}"))
+    error = await assert_error(await client.post(URL, json={"model": "placeholder", "prompt": "x"}, headers=AUTH), 500, "internal_error")
+    assert "rewrite plugin" in error["message"]
+    await images_body(await client.post(URL, json={"model": "placeholder", "prompt": "x", "response_format": "b64_json"}, headers=AUTH))
+
+
+PLUGIN_SOURCE = '''
+import base64
+import time
+
+from imgproxy.errors import GatewayError
+from imgproxy.hookspecs import hookimpl
+from imgproxy.messages import GeneratedImage, ImagesResult
+from imgproxy.providers.base import Provider
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+class EchoProvider(Provider):
+    type = "echo"
+    needs_key = False
+
+    async def generate(self, ctx, request):
+        images = [GeneratedImage(b64_json=base64.b64encode(PNG).decode(), revised_prompt=request.prompt.upper())]
+        return ImagesResult(created=int(time.time()), images=images)
+
+
+class ExamplePlugin:
+    def __init__(self):
+        self.banned = ()
+
+    @hookimpl
+    def imgproxy_register_providers(self, register):
+        register("echo", EchoProvider)
+
+    @hookimpl
+    def imgproxy_config_schema(self):
+        return {"example": {"type": "object", "additionalProperties": False,
+                            "properties": {"banned_words": {"type": "array", "items": {"type": "string"}}}}}
+
+    @hookimpl
+    def imgproxy_configure(self, gateway):
+        self.banned = tuple(gateway.config.sections.get("example", {}).get("banned_words", []))
+
+    @hookimpl
+    async def imgproxy_check_request(self, ctx):
+        for word in self.banned:
+            if word in ctx.request.prompt:
+                raise GatewayError(400, f"The word {word!r} is not allowed here.", code="banned_word", param="prompt")
+'''
+
+
+@pytest.fixture(scope="module")
+def installed_plugin(tmp_path_factory):
+    """Build a wheel for a small third-party plugin and pip-install it into a folder."""
+    root = tmp_path_factory.mktemp("thirdparty")
+    wheel = root / "imgproxy_example_plugin-0.1-py3-none-any.whl"
+    info = "imgproxy_example_plugin-0.1.dist-info"
+    files = {
+        "imgproxy_example_plugin.py": PLUGIN_SOURCE,
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: imgproxy-example-plugin\nVersion: 0.1\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/entry_points.txt": "[imgproxy]\nexample = imgproxy_example_plugin:ExamplePlugin\n",
+    }
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+        archive.writestr(f"{info}/RECORD", "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n")
+    target = root / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--disable-pip-version-check", "--target", str(target), str(wheel)],
+        check=True,
+    )
+    return target
+
+
+PLUGIN_CONFIG = """
+plugins: {enable: [example]}
+example: {banned_words: [lighthouse]}
+"""
+
+
+async def test_third_party_plugin_from_its_entry_point(installed_plugin, monkeypatch, make_client, config_text):
+    monkeypatch.syspath_prepend(str(installed_plugin))
+    text = config_text(extra=PLUGIN_CONFIG).replace("  placeholder:\n    type: placeholder", "  placeholder:\n    type: placeholder\n  mine:\n    type: echo")
+    text = text.replace("models:\n", "models:\n  echo-1: {provider: mine}\n")
+    client = await make_client(text)
+    body = await images_body(await client.post(URL, json={"model": "echo-1", "prompt": "hello", "response_format": "b64_json"}, headers=AUTH))
+    assert body["data"][0]["revised_prompt"] == "HELLO"
+    assert base64.b64decode(body["data"][0]["b64_json"]).startswith(b"\x89PNG")
+    error = await assert_error(await client.post(URL, json={"model": "echo-1", "prompt": "a lighthouse"}, headers=AUTH), 400, "banned_word", "prompt")
+    assert "lighthouse" in error["message"]
+
+
+async def test_third_party_plugin_is_off_unless_enabled(installed_plugin, monkeypatch, make_client, config_text):
+    from imgproxy.config import ConfigError
+
+    monkeypatch.syspath_prepend(str(installed_plugin))
+    client = await make_client()
+    assert client.gateway.pm.get_plugin("example") is None
+    with pytest.raises(ConfigError) as caught:
+        await make_client(config_text(extra="example: {banned_words: [x]}"))
+    assert caught.value.path == "example"
+    with pytest.raises(ConfigError) as caught:
+        await make_client(config_text(extra=PLUGIN_CONFIG.replace("banned_words", "banned")))
+    assert caught.value.path == "example.banned"
+
+
+def test_every_hook_is_documented_and_tested():
+    docs = (REPO / "docs" / "plugins.md").read_text()
+    tests = "".join(path.read_text() for path in (REPO / "tests").glob("test_*.py"))
+    names = [name for name in dir(hookspecs) if name.startswith("imgproxy_")]
+    assert len(names) == 9
+    for name in names:
+        assert f"`{name}" in docs, f"{name} is not documented in docs/plugins.md"
+        assert f"def {name}(" in tests or f"def {name}(" in PLUGIN_SOURCE, f"no test implements {name}"
+
+
+async def test_startup_and_shutdown_hooks(make_client):
+    events = []
+
+    class Lifecycle:
+        @hookimpl
+        async def imgproxy_startup(self, gateway):
+            events.append(("startup", len(gateway.config.models)))
+
+        @hookimpl
+        def imgproxy_shutdown(self, gateway):
+            events.append(("shutdown", len(gateway.config.models)))
+
+    client = await make_client(plugins=[Lifecycle()])
+    assert events == [("startup", 5)]
+    await client.close()
+    assert events == [("startup", 5), ("shutdown", 5)]
