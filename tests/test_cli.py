@@ -1,0 +1,135 @@
+"""The command line as a user runs it: `imgproxy serve` and `imgproxy check-config`."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IMGPROXY = [sys.executable, "-m", "imgproxy"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "STABILITY_", "IMGPROXY_"))}
+    return {**env, **extra}
+
+
+def post(port: int, body: dict, key: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/images/generations",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture
+def serve(tmp_path):
+    procs = []
+
+    def start(*args: str, port: int | None = None, **env) -> tuple[subprocess.Popen, int]:
+        if port is None:
+            port = free_port()
+            env.setdefault("IMGPROXY_PORT", str(port))
+        env.setdefault("IMGPROXY_IMAGE_DIR", str(tmp_path / "images"))
+        proc = subprocess.Popen(
+            [*IMGPROXY, "serve", *args], cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return proc, port
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                time.sleep(0.1)
+        raise AssertionError("imgproxy serve did not start listening")
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_on_the_shipped_config(serve):
+    proc, port = serve(IMGPROXY_API_KEYS="sk-cli-test-key-000")
+    status, body = post(port, {"model": "placeholder", "prompt": "a red bicycle", "response_format": "b64_json"}, "sk-cli-test-key-000")
+    assert status == 200 and body["data"][0]["b64_json"]
+    status, body = post(port, {"model": "dall-e-3", "prompt": "x"}, "sk-cli-test-key-000")
+    assert status == 503 and "OPENAI_API_KEY" in body["error"]["message"]
+    status, body = post(port, {"model": "sdxl", "prompt": "x"}, "sk-cli-test-key-000")
+    assert status == 503 and "STABILITY_API_KEY" in body["error"]["message"]
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+    assert "sk-cli-test-key-000" not in proc.stderr.read()
+
+
+def test_serve_generates_a_key_when_none_is_configured(serve):
+    proc, port = serve()
+    proc.terminate()
+    proc.wait(timeout=30)
+    err = proc.stderr.read()
+    assert "no client keys are configured" in err and err.count("sk-imgproxy-") == 1
+
+
+def test_serve_flags_and_environment(serve, tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text((REPO / "proxy.yaml").read_text().replace("port: 8080", "port: 1"))
+    port = free_port()
+    # --port wins over IMGPROXY_PORT, which wins over the config's port.
+    serve("--host", "127.0.0.1", "--port", str(port), port=port, IMGPROXY_PORT="1", IMGPROXY_CONFIG=str(config), IMGPROXY_API_KEYS="sk-flags-key-0000000")
+    status, _ = post(port, {"model": "placeholder", "prompt": "x", "response_format": "b64_json"}, "sk-flags-key-0000000")
+    assert status == 200
+
+
+def test_serve_refuses_a_bad_config(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("providers: {}\nmodels: {}\n")
+    result = subprocess.run([*IMGPROXY, "serve", "--config", str(config)], env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"{config}: providers: " in result.stderr
+
+
+def test_check_config_prints_the_model_table():
+    result = subprocess.run([*IMGPROXY, "check-config", "proxy.yaml"], cwd=REPO, env=clean_env(OPENAI_API_KEY="sk-set"), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "proxy.yaml: valid, 5 models"
+    table = {line.split()[0]: line for line in lines[2:]}
+    assert "openai (openai)" in table["dall-e-3"] and table["dall-e-3"].endswith("set")
+    assert "sdxl" in table["stable-diffusion-xl-1024-v1-0"] and "MISSING: STABILITY_API_KEY" in table["stable-diffusion-xl-1024-v1-0"]
+    assert table["placeholder"].endswith("not needed")
+    assert "sk-set" not in result.stdout + result.stderr
+    assert "sk-imgproxy-" not in result.stdout + result.stderr  # nothing is started
+
+
+def test_check_config_names_file_and_key_path(tmp_path):
+    config = tmp_path / "proxy.yaml"
+    config.write_text((REPO / "proxy.yaml").read_text().replace("url_ttl: 3600", "url_ttl: soon"))
+    result = subprocess.run([*IMGPROXY, "check-config", str(config)], env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"{config}: images.url_ttl: must be of type integer, not string" in result.stderr
+
+
+def test_plugins_folder_is_only_importable_as_imgproxy_plugins(tmp_path):
+    code = "import importlib.util as u, imgproxy.plugins.auth; print(u.find_spec('plugins') is None)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == "True", result.stderr
