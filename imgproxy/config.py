@@ -32,7 +32,6 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = 1024 * 1024
     drain_timeout: float = 25.0
-    log_prompts: bool = False
 
 
 @dataclass(frozen=True)
