@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-IMGPROXY = [sys.executable, "-m", "imgproxy"]
+# The installed console script, as users run it (`python -m` from the checkout would import the source tree).
+IMGPROXY = [str(Path(sys.executable).parent / "imgproxy")]
 
 
 def free_port() -> int:
