@@ -18,7 +18,7 @@ from .pipeline import generate_images
 log = logging.getLogger("imgproxy.server")
 
 GATEWAY = web.AppKey("gateway", Gateway)
-REQUEST_ID = "imgproxy.request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
