@@ -134,3 +134,4 @@ def test_plugins_folder_is_only_importable_as_imgproxy_plugins(tmp_path):
     code = "import importlib.util as u, imgproxy.plugins.auth; print(u.find_spec('plugins') is None)"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30)
     assert result.stdout.strip() == "True", result.stderr
+
