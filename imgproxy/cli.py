@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import os
+import secrets
 import sys
 
 from aiohttp import web
@@ -29,10 +31,26 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a config file and print its model table")
     check.add_argument("file")
 
+    hash_key = commands.add_parser("hash-key", help="make a new random client key and print it with its SHA-256")
+    hash_key.add_argument("--stdin", action="store_true", help="hash a key read from standard input instead")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
+    if args.command == "hash-key":
+        return hash_key_command(args.stdin)
     return check_config_command(args.file)
+
+
+def hash_key_command(from_stdin: bool) -> int:
+    key = sys.stdin.readline().strip() if from_stdin else "sk-imgproxy-" + secrets.token_urlsafe(24)
+    if not key:
+        print("imgproxy: no key on standard input", file=sys.stderr)
+        return 1
+    if not from_stdin:
+        print(f"key:    {key}")
+    print(f"sha256: {hashlib.sha256(key.encode()).hexdigest()}")
+    return 0
 
 
 def _env_int(name: str) -> int | None:

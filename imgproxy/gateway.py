@@ -17,6 +17,7 @@ from .imagestore import FilesystemImageStore, UrlSigner
 from .pluginmanager import await_me_maybe, build_plugin_manager
 from .providers.base import Provider
 from .routing import RoutingTable
+from .state import MemoryState, State
 
 
 class Gateway:
@@ -31,6 +32,7 @@ class Gateway:
         self.store = FilesystemImageStore(config.images.directory, config.images.url_ttl)
         # Without a configured key, URLs are valid for this process only (said in the docs).
         self.signer = UrlSigner(config.images.signing_key or secrets.token_bytes(32))
+        self.state: State = MemoryState()
         self._sweeper: asyncio.Task | None = None
 
     @classmethod
@@ -43,8 +45,11 @@ class Gateway:
         pm = build_plugin_manager(enable, disable, source=source, extra=tuple(extra_plugins))
         adapters: dict[str, type[Provider]] = {}
         pm.hook.imgproxy_register_providers(register=adapters.__setitem__)
+        key_settings: dict = {}
+        for contributed in pm.hook.imgproxy_key_schema():
+            key_settings.update(contributed or {})
         sections: dict = {}
-        for contributed in pm.hook.imgproxy_config_schema():
+        for contributed in pm.hook.imgproxy_config_schema(key_settings=key_settings):
             sections.update(contributed or {})
         config = parse_config(text, source=source, env=env, extra_sections=sections, provider_types=adapters)
         gateway = cls(config, pm, adapters)
@@ -67,6 +72,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.upstream.close()
+        await self.state.close()
 
 
 def _plugin_lists(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -2,7 +2,8 @@
 
 At start-up:
   1. imgproxy_register_providers  – add provider adapter types
-  2. imgproxy_config_schema       – add top-level sections to proxy.yaml
+  2. imgproxy_key_schema, imgproxy_config_schema – add per-key settings and top-level
+     sections to proxy.yaml
   3. imgproxy_configure           – read those sections, build per-gateway state
   4. imgproxy_startup / imgproxy_shutdown – when the server starts serving and stops
 
@@ -37,9 +38,18 @@ def imgproxy_register_providers(register):
 
 
 @hookspec
-def imgproxy_config_schema():
+def imgproxy_key_schema():
+    """Return `{setting_name: json_schema}` for per-client-key settings this plugin reads (for
+    example `rate_limit`), or None. They are allowed on each key entry of the auth section and
+    reach request hooks as `ctx.identity.settings[setting_name]`."""
+
+
+@hookspec
+def imgproxy_config_schema(key_settings):
     """Return `{section_name: json_schema}` for the top-level proxy.yaml sections this plugin
-    reads, or None. The sections are validated with the rest of the file at load time."""
+    reads, or None. The sections are validated with the rest of the file at load time.
+    `key_settings` holds every plugin's per-key setting schemas, for the plugin that declares
+    client keys."""
 
 
 @hookspec

@@ -102,6 +102,8 @@ class Outcome:
     usage: dict | None = None
     upstream_seconds: float | None = None
     bytes_sent: int = 0
+    # Images the provider withheld for content policy (Stability's filtered artifacts).
+    filtered: int = 0
 
 
 @dataclass
@@ -121,3 +123,5 @@ class RequestContext:
     scratch: dict[str, Any] = field(default_factory=dict)
     # Upstream responses that stay open while they are streamed to the client.
     exit_stack: AsyncExitStack = field(default_factory=AsyncExitStack)
+    # Headers added to whatever response the client gets, success or error.
+    response_headers: dict[str, str] = field(default_factory=dict)

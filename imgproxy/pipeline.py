@@ -75,6 +75,7 @@ async def call_provider(ctx: RequestContext) -> web.StreamResponse:
         reply = await provider.generate(ctx, ctx.request)
         if isinstance(reply, ImagesResult):
             ctx.outcome.upstream_seconds = time.monotonic() - started
+            ctx.outcome.filtered = reply.filtered
             await run_hook(ctx.gateway.pm.hook.imgproxy_rewrite_response, ctx=ctx, result=reply)
             return images_response(ctx, reply)
         tap = StreamTap(sse=reply.content_type == "text/event-stream")

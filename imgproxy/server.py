@@ -19,6 +19,7 @@ log = logging.getLogger("imgproxy.server")
 
 GATEWAY = web.AppKey("gateway", Gateway)
 REQUEST_ID = web.RequestKey("request_id", str)
+CONTEXT = web.RequestKey("context", RequestContext)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
@@ -49,6 +50,8 @@ async def request_id(request: web.Request, handler):
 async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
     if REQUEST_ID in request:
         response.headers["x-request-id"] = request[REQUEST_ID]
+    if CONTEXT in request:
+        response.headers.update(request[CONTEXT].response_headers)
 
 
 @web.middleware
@@ -70,6 +73,7 @@ async def error_envelope(request: web.Request, handler):
 
 async def post_generations(request: web.Request) -> web.StreamResponse:
     ctx = RequestContext(gateway=request.app[GATEWAY], http=request, request_id=request[REQUEST_ID])
+    request[CONTEXT] = ctx
     return await generate_images(ctx)
 
 

@@ -7,6 +7,7 @@ open to anyone who can reach it.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import secrets
@@ -18,31 +19,50 @@ from imgproxy.errors import GatewayError
 from imgproxy.hookspecs import hookimpl
 from imgproxy.messages import Identity
 
-SECTION_SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "api_keys": {
-            "type": "string",
-            "description": "Comma-separated client keys, usually ${IMGPROXY_API_KEYS}; named `default` (one key) or key-1, key-2, ….",
-        },
-        "keys": {
-            "type": "array",
-            "items": {
+OWN_KEY_SETTINGS = {
+    "models": {
+        "type": "array",
+        "items": {"type": "string", "minLength": 1},
+        "description": "Models this key may use: names, aliases or provider/name, with * and ? globs. Absent: all.",
+    },
+    "log_prompts": {"type": "boolean", "description": "Prompts of this key may appear in log lines (default false)."},
+}
+
+
+def section_schema(key_settings: dict) -> dict:
+    settings = {**OWN_KEY_SETTINGS, **key_settings}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "api_keys": {
+                "type": "string",
+                "description": "Comma-separated client keys, usually ${IMGPROXY_API_KEYS}; named `default` (one key) or key-1, key-2, ….",
+            },
+            "key_defaults": {
                 "type": "object",
                 "additionalProperties": False,
-                "required": ["name"],
-                "properties": {
-                    "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$", "description": "Label used in logs, metrics and usage records."},
-                    "key": {"type": "string", "minLength": 16, "description": "The key itself, usually ${ENV_VAR}."},
-                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "Hex SHA-256 of the key, instead of the key."},
-                    "disabled": {"type": "boolean", "description": "Refuse this key with 401 without deleting it."},
+                "properties": settings,
+                "description": "Settings every key starts from; a key's own settings replace them one by one.",
+            },
+            "keys": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$", "description": "Label used in logs, metrics and usage records."},
+                        "key": {"type": "string", "minLength": 16, "description": "The key itself, usually ${ENV_VAR}."},
+                        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "Hex SHA-256 of the key, instead of the key (imgproxy hash-key)."},
+                        "disabled": {"type": "boolean", "description": "Refuse this key with 401 without deleting it."},
+                        **settings,
+                    },
+                    "oneOf": [{"required": ["key"]}, {"required": ["sha256"]}],
                 },
-                "oneOf": [{"required": ["key"]}, {"required": ["sha256"]}],
             },
         },
-    },
-}
+    }
 
 
 def digest(key: str) -> bytes:
@@ -63,27 +83,32 @@ class AuthPlugin:
         self.generated: str | None = None
 
     @hookimpl
-    def imgproxy_config_schema(self):
-        return {"auth": SECTION_SCHEMA}
+    def imgproxy_key_schema(self):
+        return OWN_KEY_SETTINGS
+
+    @hookimpl
+    def imgproxy_config_schema(self, key_settings):
+        return {"auth": section_schema(key_settings)}
 
     @hookimpl
     def imgproxy_configure(self, gateway):
         section = gateway.config.sections.get("auth", {})
+        defaults = section.get("key_defaults", {})
         keys, names = [], set()
         env_keys = [k.strip() for k in section.get("api_keys", "").split(",") if k.strip()]
         for i, key in enumerate(env_keys, 1):
-            keys.append(ClientKey("default" if len(env_keys) == 1 else f"key-{i}", digest(key)))
-        for i, entry in enumerate(section.get("keys", [])):
-            settings = {k: v for k, v in entry.items() if k not in ("key", "sha256")}
+            keys.append(ClientKey("default" if len(env_keys) == 1 else f"key-{i}", digest(key), settings=defaults))
+        for entry in section.get("keys", []):
+            own = {k: v for k, v in entry.items() if k not in ("name", "key", "sha256", "disabled")}
             key_digest = digest(entry["key"]) if "key" in entry else bytes.fromhex(entry["sha256"])
-            keys.append(ClientKey(entry["name"], key_digest, entry.get("disabled", False), settings))
+            keys.append(ClientKey(entry["name"], key_digest, entry.get("disabled", False), {**defaults, **own}))
         for key in keys:
             if key.name in names:
                 raise ConfigError(gateway.config.source, f"auth.keys: {key.name}", "key names must be unique")
             names.add(key.name)
         if not keys:
             self.generated = "sk-imgproxy-" + secrets.token_urlsafe(24)
-            keys.append(ClientKey("generated", digest(self.generated)))
+            keys.append(ClientKey("generated", digest(self.generated), settings=defaults))
         self.keys = tuple(keys)
 
     @hookimpl
@@ -118,3 +143,19 @@ class AuthPlugin:
         if match.disabled:
             raise GatewayError(401, f"The API key '{match.name}' has been disabled.", code="api_key_disabled")
         return Identity(match.name, match.settings)
+
+    @hookimpl
+    def imgproxy_check_request(self, ctx):
+        patterns = ctx.identity.settings.get("models")
+        if patterns is None:
+            return
+        model = ctx.route.model
+        names = (model.name, *model.aliases, f"{model.provider}/{model.name}", ctx.body.get("model") or "")
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names):
+            raise GatewayError(
+                403,
+                f"The API key '{ctx.identity.name}' may not use the model '{model.name}'.",
+                type="permission_error",
+                code="model_not_allowed",
+                param="model",
+            )

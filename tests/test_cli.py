@@ -135,3 +135,15 @@ def test_plugins_folder_is_only_importable_as_imgproxy_plugins(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30)
     assert result.stdout.strip() == "True", result.stderr
 
+
+
+def test_hash_key_makes_a_key_the_config_accepts():
+    result = subprocess.run([*IMGPROXY, "hash-key"], capture_output=True, text=True, timeout=30)
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    key, digest = lines["key"].strip(), lines["sha256"].strip()
+    assert key.startswith("sk-imgproxy-") and len(key) > 30
+    import hashlib
+
+    assert hashlib.sha256(key.encode()).hexdigest() == digest
+    again = subprocess.run([*IMGPROXY, "hash-key", "--stdin"], input=key + "\n", capture_output=True, text=True, timeout=30)
+    assert again.stdout.strip() == f"sha256: {digest}"

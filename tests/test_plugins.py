@@ -169,12 +169,16 @@ class ExamplePlugin:
                             "properties": {"banned_words": {"type": "array", "items": {"type": "string"}}}}}
 
     @hookimpl
+    def imgproxy_key_schema(self):
+        return {"example_banned": {"type": "array", "items": {"type": "string"}}}
+
+    @hookimpl
     def imgproxy_configure(self, gateway):
         self.banned = tuple(gateway.config.sections.get("example", {}).get("banned_words", []))
 
     @hookimpl
     async def imgproxy_check_request(self, ctx):
-        for word in self.banned:
+        for word in self.banned + tuple(ctx.identity.settings.get("example_banned", ())):
             if word in ctx.request.prompt:
                 raise GatewayError(400, f"The word {word!r} is not allowed here.", code="banned_word", param="prompt")
 '''
@@ -220,6 +224,9 @@ async def test_third_party_plugin_from_its_entry_point(installed_plugin, monkeyp
     assert base64.b64decode(body["data"][0]["b64_json"]).startswith(b"\x89PNG")
     error = await assert_error(await client.post(URL, json={"model": "echo-1", "prompt": "a lighthouse"}, headers=AUTH), 400, "banned_word", "prompt")
     assert "lighthouse" in error["message"]
+    # A per-key setting the plugin declared, on the key entry of the auth section.
+    client = await make_client(text.replace("      key: sk-client-test-key-0001", "      key: sk-client-test-key-0001\n      example_banned: [cat]"))
+    await assert_error(await client.post(URL, json={"model": "echo-1", "prompt": "a cat"}, headers=AUTH), 400, "banned_word", "prompt")
 
 
 async def test_third_party_plugin_is_off_unless_enabled(installed_plugin, monkeypatch, make_client, config_text):
@@ -240,7 +247,7 @@ def test_every_hook_is_documented_and_tested():
     docs = (REPO / "docs" / "plugins.md").read_text()
     tests = "".join(path.read_text() for path in (REPO / "tests").glob("test_*.py"))
     names = [name for name in dir(hookspecs) if name.startswith("imgproxy_")]
-    assert len(names) == 9
+    assert len(names) == 10
     for name in names:
         assert f"`{name}" in docs, f"{name} is not documented in docs/plugins.md"
         assert f"def {name}(" in tests or f"def {name}(" in PLUGIN_SOURCE, f"no test implements {name}"

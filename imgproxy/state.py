@@ -1,0 +1,141 @@
+"""Shared state for policy plugins (rate limits, budgets, violation counters).
+
+Every operation is atomic on its own, so the same algorithms can run in Redis (as Lua
+scripts) when several replicas must share limits. `MemoryState` keeps it in this process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`limit` units per `period` seconds under `key`; this request takes `cost` units."""
+
+    key: str
+    limit: int
+    period: float
+    cost: int = 1
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float  # seconds until the whole allowance is back
+    retry_after: float  # seconds until this request would be allowed (0 when allowed)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Add `amount` to `key` unless that takes it above `limit` (None: no limit)."""
+
+    key: str
+    amount: float
+    limit: float | None
+    ttl: float
+
+
+class State(Protocol):
+    async def rate_limit(self, limits: list[RateLimit]) -> list[RateDecision]:
+        """GCRA over several limits at once: all are charged, or (if any refuses) none."""
+
+    async def reserve(self, reservations: list[Reservation]) -> int | None:
+        """Apply all reservations, or none: returns None, or the index of the first that failed."""
+
+    async def add(self, key: str, amount: float, ttl: float) -> float:
+        """Add to a counter (created with `ttl` seconds to live) and return its new value."""
+
+    async def get(self, key: str) -> float:
+        """A counter's value; 0 when absent or expired."""
+
+    async def set(self, key: str, value: float, ttl: float) -> None:
+        """Set a value that expires after `ttl` seconds."""
+
+    async def close(self) -> None: ...
+
+
+class MemoryState:
+    """State in a dict: exact and fast, but per process."""
+
+    PURGE_EVERY = 10_000  # writes between sweeps of expired entries
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._data: dict[str, tuple[float, float]] = {}  # key -> (value, expires_at)
+        self._writes = 0
+
+    def _get(self, key: str, now: float) -> float:
+        entry = self._data.get(key)
+        if entry is None or entry[1] <= now:
+            return 0.0
+        return entry[0]
+
+    def _put(self, key: str, value: float, expires_at: float) -> None:
+        self._data[key] = (value, expires_at)
+        self._writes += 1
+        if self._writes % self.PURGE_EVERY == 0:
+            now = self.clock()
+            self._data = {k: v for k, v in self._data.items() if v[1] > now}
+
+    async def rate_limit(self, limits: list[RateLimit]) -> list[RateDecision]:
+        now = self.clock()
+        planned = [gcra(self._get(limit.key, now), limit, now) for limit in limits]
+        if all(decision.allowed for _, decision in planned):
+            for limit, (new_tat, _) in zip(limits, planned):
+                self._put(limit.key, new_tat, new_tat)
+            return [decision for _, decision in planned]
+        # Refused: nothing is charged, so the limits that would have passed report what is left.
+        return [
+            decision if not decision.allowed else gcra(self._get(limit.key, now), replace(limit, cost=0), now)[1]
+            for limit, (_, decision) in zip(limits, planned)
+        ]
+
+    async def reserve(self, reservations: list[Reservation]) -> int | None:
+        now = self.clock()
+        for index, item in enumerate(reservations):
+            if item.limit is not None and self._get(item.key, now) + item.amount > item.limit + 1e-9:
+                return index
+        for item in reservations:
+            await self.add(item.key, item.amount, item.ttl)
+        return None
+
+    async def add(self, key: str, amount: float, ttl: float) -> float:
+        now = self.clock()
+        entry = self._data.get(key)
+        if entry is None or entry[1] <= now:
+            entry = (0.0, now + ttl)
+        value = entry[0] + amount
+        self._put(key, value, entry[1])
+        return value
+
+    async def get(self, key: str) -> float:
+        return self._get(key, self.clock())
+
+    async def set(self, key: str, value: float, ttl: float) -> None:
+        self._put(key, value, self.clock() + ttl)
+
+    async def close(self) -> None:
+        self._data.clear()
+
+
+def gcra(stored_tat: float, limit: RateLimit, now: float) -> tuple[float, RateDecision]:
+    """The generic cell rate algorithm: `limit` per `period`, bursts up to `limit`.
+
+    The state is one number, the theoretical arrival time (TAT): when the allowance would be
+    whole again. Returns the new TAT and the decision.
+    """
+    interval = limit.period / limit.limit
+    tat = max(stored_tat, now)
+    new_tat = tat + interval * limit.cost
+    if new_tat - now <= limit.period + 1e-9:
+        remaining = math.floor((limit.period - (new_tat - now)) / interval + 1e-9)
+        return new_tat, RateDecision(True, limit.limit, remaining, new_tat - now, 0.0)
+    remaining = math.floor((limit.period - (tat - now)) / interval + 1e-9)
+    retry_after = math.inf if limit.cost > limit.limit else new_tat - limit.period - now
+    return stored_tat, RateDecision(False, limit.limit, remaining, tat - now, retry_after)
