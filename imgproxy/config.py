@@ -86,6 +86,7 @@ class Config:
     models: dict[str, ModelConfig]
     images: ImagesConfig
     default_model: str | None
+    user_hash_key: bytes
     enable_plugins: tuple[str, ...]
     disable_plugins: tuple[str, ...]
     # Every top-level section as written (after substitution), for plugins to read their own.
@@ -208,6 +209,7 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         models=models,
         images=images,
         default_model=default_model,
+        user_hash_key=raw.get("privacy", {}).get("user_hash_key", "").encode(),
         enable_plugins=tuple(plugins.get("enable", ())),
         disable_plugins=tuple(plugins.get("disable", ())),
         sections=raw,

@@ -14,7 +14,7 @@ import yaml
 from .config import Config, parse_config, read_config_file
 from .forwarder import Upstream
 from .imagestore import FilesystemImageStore, UrlSigner
-from .pluginmanager import await_me_maybe, build_plugin_manager
+from .pluginmanager import build_plugin_manager, call_each
 from .providers.base import Provider
 from .routing import RoutingTable
 from .state import MemoryState, State
@@ -53,20 +53,17 @@ class Gateway:
             sections.update(contributed or {})
         config = parse_config(text, source=source, env=env, extra_sections=sections, provider_types=adapters)
         gateway = cls(config, pm, adapters)
-        for result in pm.hook.imgproxy_configure(gateway=gateway):
-            await await_me_maybe(result)
+        await call_each(pm.hook.imgproxy_configure, gateway=gateway)
         return gateway
 
     async def start(self) -> None:
         await self.upstream.start()
         await asyncio.to_thread(self.store.prepare)
         self._sweeper = asyncio.create_task(self.store.sweep_forever(self.config.images.sweep_interval))
-        for result in self.pm.hook.imgproxy_startup(gateway=self):
-            await await_me_maybe(result)
+        await call_each(self.pm.hook.imgproxy_startup, gateway=self)
 
     async def close(self) -> None:
-        for result in self.pm.hook.imgproxy_shutdown(gateway=self):
-            await await_me_maybe(result)
+        await call_each(self.pm.hook.imgproxy_shutdown, gateway=self)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

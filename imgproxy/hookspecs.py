@@ -14,10 +14,11 @@ Per request (after the body is parsed, schema-checked, routed and capability-che
   7. imgproxy_rewrite_response    – shape the answer for the client
   8. imgproxy_record_usage        – account for what happened (always runs, also on failure)
 
-Request hooks may be `async def`: the core awaits what they return. A hook refuses a request
-by raising `imgproxy.errors.GatewayError`, which the client receives as an OpenAI error
-envelope. Among implementations of one hook, pluggy calls the most recently registered first:
-third-party plugins run before the built-ins, and `tryfirst`/`trylast` adjust that.
+Hooks may be `async def`: the core calls one implementation at a time and awaits it before
+calling the next (so pluggy hook wrappers do not apply). A hook refuses a request by raising
+`imgproxy.errors.GatewayError`, which the client receives as an OpenAI error envelope. The
+most recently registered implementation runs first: third-party plugins before the built-ins,
+which run as auth, moderation, ratelimit, cost, rewrite; `tryfirst`/`trylast` adjust that.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .privacy import hash_user
+
 if TYPE_CHECKING:
     import aiohttp
     from aiohttp import web
@@ -125,3 +127,9 @@ class RequestContext:
     exit_stack: AsyncExitStack = field(default_factory=AsyncExitStack)
     # Headers added to whatever response the client gets, success or error.
     response_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def user_hash(self) -> str | None:
+        """The request's `user`, hashed: the only form of it that may be logged or stored."""
+        user = self.request.user if self.request else None
+        return hash_user(user, self.gateway.config.user_hash_key)

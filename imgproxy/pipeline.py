@@ -12,7 +12,7 @@ from aiohttp import web
 from .errors import GatewayError
 from .forwarder import StreamTap, forward_stream
 from .messages import Identity, ImagesResult, RequestContext
-from .pluginmanager import await_me_maybe
+from .pluginmanager import call_each, call_each_guarded, call_first
 from .validation import check_capabilities, check_schema, read_json_body
 
 log = logging.getLogger("imgproxy.pipeline")
@@ -27,7 +27,7 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
         check_schema(ctx.body)
         ctx.route = ctx.gateway.routing.resolve(requested_model(ctx))
         ctx.request = check_capabilities(ctx.body, ctx.route)
-        await run_hook(ctx.gateway.pm.hook.imgproxy_check_request, ctx=ctx)
+        await call_each(ctx.gateway.pm.hook.imgproxy_check_request, ctx=ctx)
         response = await call_provider(ctx)
         ctx.outcome.status = response.status
         return response
@@ -45,13 +45,7 @@ async def authenticate(ctx: RequestContext) -> Identity:
     hook = ctx.gateway.pm.hook.imgproxy_authenticate
     if not hook.get_hookimpls():
         return Identity("anonymous")  # the auth plugin was disabled on purpose
-    results = hook(ctx=ctx)
-    identity = None
-    for result in results:
-        if identity is None:
-            identity = await await_me_maybe(result)
-        elif asyncio.iscoroutine(result):
-            result.close()  # an earlier plugin already answered
+    identity = await call_first(hook, ctx=ctx)
     if identity is None:
         if "Authorization" not in ctx.http.headers:
             raise GatewayError(
@@ -76,7 +70,7 @@ async def call_provider(ctx: RequestContext) -> web.StreamResponse:
         if isinstance(reply, ImagesResult):
             ctx.outcome.upstream_seconds = time.monotonic() - started
             ctx.outcome.filtered = reply.filtered
-            await run_hook(ctx.gateway.pm.hook.imgproxy_rewrite_response, ctx=ctx, result=reply)
+            await call_each(ctx.gateway.pm.hook.imgproxy_rewrite_response, ctx=ctx, result=reply)
             return images_response(ctx, reply)
         tap = StreamTap(sse=reply.content_type == "text/event-stream")
         response = await forward_stream(ctx, reply, tap)
@@ -99,27 +93,7 @@ def images_response(ctx: RequestContext, result: ImagesResult) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-async def run_hook(hook, **kwargs) -> None:
-    """Await every implementation in order; the first to raise stops the rest."""
-    results = hook(**kwargs)
-    for index, result in enumerate(results):
-        try:
-            await await_me_maybe(result)
-        except BaseException:
-            for unawaited in results[index + 1 :]:
-                if asyncio.iscoroutine(unawaited):
-                    unawaited.close()
-            raise
-
-
 async def record_usage(ctx: RequestContext) -> None:
-    try:
-        results = ctx.gateway.pm.hook.imgproxy_record_usage(ctx=ctx, outcome=ctx.outcome)
-    except Exception:  # accounting must never turn a served request into an error
-        log.exception("a record_usage hook failed (request %s)", ctx.request_id)
-        return
-    for result in results:
-        try:
-            await await_me_maybe(result)
-        except Exception:
-            log.exception("a record_usage hook failed (request %s)", ctx.request_id)
+    # Accounting must never turn a served request into an error, nor one plugin's failure
+    # lose another's record.
+    await call_each_guarded(ctx.gateway.pm.hook.imgproxy_record_usage, log, ctx=ctx, outcome=ctx.outcome)

@@ -7,6 +7,7 @@ is made per gateway, so state is never shared between gateways) or a module.
 from __future__ import annotations
 
 import inspect
+import logging
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -16,7 +17,10 @@ from . import hookspecs
 from .config import ConfigError
 
 ENTRY_POINT_GROUP = "imgproxy"
-DEFAULT_PLUGINS = ("auth", "rewrite")
+# Built-ins in the order their request hooks run. pluggy calls the most recently registered
+# plugin first, so they are registered in reverse, and third-party plugins (registered
+# after them) run before all of them.
+DEFAULT_PLUGINS = ("auth", "ratelimit", "rewrite")
 
 
 def build_plugin_manager(
@@ -34,7 +38,7 @@ def build_plugin_manager(
     for name in enable:
         if name not in available:
             raise ConfigError(source, ["plugins", "enable"], f"no installed plugin declares the entry point {name!r} in group {ENTRY_POINT_GROUP!r}")
-    wanted = [n for n in DEFAULT_PLUGINS if n not in disable] + [n for n in enable if n not in DEFAULT_PLUGINS]
+    wanted = [n for n in reversed(DEFAULT_PLUGINS) if n not in disable] + [n for n in enable if n not in DEFAULT_PLUGINS]
     for name in wanted:
         if name not in available:
             raise ConfigError(source, ["plugins"], f"built-in plugin {name!r} is not installed: reinstall imgproxy (pip install .)")
@@ -53,3 +57,41 @@ async def await_me_maybe(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+# pluggy's own hook call would create every coroutine at once: a refusal by one implementation
+# could leave the others never awaited, and sync implementations would all run before any
+# async one. These call one implementation at a time, in pluggy's order (so hook wrappers do
+# not apply to these hooks).
+
+
+def _implementations(hook: pluggy.HookCaller):
+    return reversed(hook.get_hookimpls())
+
+
+def _call(impl, kwargs: dict) -> Any:
+    return impl.function(*(kwargs[name] for name in impl.argnames))
+
+
+async def call_each(hook: pluggy.HookCaller, **kwargs) -> None:
+    """Run every implementation, each awaited before the next starts; an exception stops the rest."""
+    for impl in _implementations(hook):
+        await await_me_maybe(_call(impl, kwargs))
+
+
+async def call_first(hook: pluggy.HookCaller, **kwargs) -> Any:
+    """The first non-None result; the implementations after it are not called."""
+    for impl in _implementations(hook):
+        result = await await_me_maybe(_call(impl, kwargs))
+        if result is not None:
+            return result
+    return None
+
+
+async def call_each_guarded(hook: pluggy.HookCaller, log: logging.Logger, **kwargs) -> None:
+    """Run every implementation whatever the others do; exceptions are logged."""
+    for impl in _implementations(hook):
+        try:
+            await await_me_maybe(_call(impl, kwargs))
+        except Exception:
+            log.exception("the %s hook of plugin %s failed", hook.name, impl.plugin_name)
