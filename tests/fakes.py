@@ -19,6 +19,8 @@ from jsonschema import Draft202012Validator
 SPECS = Path(__file__).parent / "specs"
 OPENAI_SCHEMA = json.loads((SPECS / "openai-images.schema.json").read_text())
 STABILITY_SPEC = yaml.safe_load((SPECS / "stability.yaml").read_text())
+MODERATIONS_SPEC = yaml.safe_load((SPECS / "openai-moderations.yaml").read_text())
+MODERATION_CATEGORIES = MODERATIONS_SPEC["components"]["schemas"]["CreateModerationResponse"]["properties"]["results"]["items"]["properties"]["categories"]["required"]
 
 
 def openai_validator(name: str) -> Draft202012Validator:
@@ -27,6 +29,10 @@ def openai_validator(name: str) -> Draft202012Validator:
 
 def stability_validator(name: str) -> Draft202012Validator:
     return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": STABILITY_SPEC["components"]})
+
+
+def moderations_validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": MODERATIONS_SPEC["components"]})
 
 
 def tiny_png(width: int = 2, height: int = 2, rgb: bytes = b"\x10\x80\xf0") -> bytes:
@@ -116,12 +122,47 @@ class FakeOpenAI(FakeUpstream):
     def __init__(self) -> None:
         super().__init__()
         self.validator = openai_validator("CreateImageRequest")
+        self.moderation_requests: list[dict] = []
+        self.moderation_cues: list[Cue] = []
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/images/generations", self.generations)
+        app.router.add_post("/v1/moderations", self.moderations)
         app.router.add_get("/files/{name}", self.file)
         return app
+
+    # Words in the input that this fake's moderation model flags, and as what.
+    FLAGS = {"graphic": ["violence", "violence/graphic"], "minors": ["sexual", "sexual/minors"]}
+
+    async def moderations(self, request: web.Request) -> web.StreamResponse:
+        if not self.authorized(request):
+            return web.json_response({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}, status=401)
+        body = await request.json()
+        self.moderation_requests.append(body)
+        self.invalid.extend(e.message for e in moderations_validator("CreateModerationRequest").iter_errors(body))
+        if self.moderation_cues:
+            cues, self.cues = self.cues, [self.moderation_cues.pop(0)]
+            try:
+                return await self.answer_cue(request)
+            finally:
+                self.cues = cues
+        flagged = {category for word, categories in self.FLAGS.items() if word in body["input"] for category in categories}
+        answer = {
+            "id": "modr-0123",
+            "model": body.get("model", "omni-moderation-latest"),
+            "results": [
+                {
+                    "flagged": bool(flagged),
+                    "categories": {c: c in flagged for c in MODERATION_CATEGORIES},
+                    "category_scores": {c: 0.9 if c in flagged else 0.001 for c in MODERATION_CATEGORIES},
+                    "category_applied_input_types": {c: ["text"] for c in MODERATION_CATEGORIES},
+                }
+            ],
+        }
+        errors = [e.message for e in moderations_validator("CreateModerationResponse").iter_errors(answer)]
+        assert errors == [], f"the fake's own moderation answer is outside the spec: {errors}"
+        return web.json_response(answer)
 
     async def file(self, request: web.Request) -> web.Response:
         return web.Response(body=FAKE_PNG, content_type="image/png")
