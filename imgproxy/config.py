@@ -65,6 +65,7 @@ class ModelConfig:
     aliases: tuple[str, ...]
     capabilities: Capabilities
     timeout: float | None = None
+    catalog: str = ""  # the built-in catalog entry it started from
 
 
 @dataclass(frozen=True)
@@ -178,12 +179,13 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         if spec["provider"] not in providers:
             raise ConfigError(source, ["models", name, "provider"], f"no provider named {spec['provider']!r} (have: {', '.join(providers)})")
         upstream = spec.get("upstream_model", name)
+        catalog = spec.get("catalog", upstream)
         try:
-            caps = capabilities_for(spec.get("catalog", upstream), spec.get("capabilities"))
+            caps = capabilities_for(catalog, spec.get("capabilities"))
         except (KeyError, TypeError) as exc:
             raise ConfigError(source, ["models", name, "capabilities"], f"incomplete for a model outside the catalog: {exc}") from None
         _check_capabilities(caps, source, ["models", name, "capabilities"])
-        model = ModelConfig(name, spec["provider"], upstream, tuple(spec.get("aliases", ())), caps, spec.get("timeout"))
+        model = ModelConfig(name, spec["provider"], upstream, tuple(spec.get("aliases", ())), caps, spec.get("timeout"), catalog)
         for public in (name, *model.aliases):
             if public in public_names:
                 raise ConfigError(source, ["models", name], f"name {public!r} is already used by model {public_names[public]!r}")

@@ -20,7 +20,7 @@ ENTRY_POINT_GROUP = "imgproxy"
 # Built-ins in the order their request hooks run. pluggy calls the most recently registered
 # plugin first, so they are registered in reverse, and third-party plugins (registered
 # after them) run before all of them.
-DEFAULT_PLUGINS = ("auth", "moderation", "ratelimit", "rewrite")
+DEFAULT_PLUGINS = ("auth", "moderation", "ratelimit", "cost", "rewrite")
 
 
 def build_plugin_manager(
