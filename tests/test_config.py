@@ -111,3 +111,20 @@ async def test_disabling_auth_serves_without_keys_and_refuses_its_section():
     assert gateway.pm.get_plugin("auth") is None
     error = await problem(MINIMAL + "plugins: {disable: [auth]}\nauth: {api_keys: x}\n")
     assert error.path == "auth" and error.problem == "unknown key"
+
+
+async def test_the_commented_two_key_example_in_proxy_yaml_is_valid():
+    lines = (REPO / "proxy.yaml").read_text().splitlines()
+    start = lines.index("  # keys:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("  #"):
+            break
+        block.append("  " + line[4:])
+    text = "\n".join(lines[:start] + block + lines[start + len(block):])
+    gateway = await Gateway.load(text=text, env={"DESIGN_TEAM_KEY": "sk-design-team-key-000"})
+    auth = gateway.pm.get_plugin("auth")
+    settings = {key.name: key.settings for key in auth.keys}
+    assert settings["design-team"]["budget"] == {"daily_usd": 50, "monthly_usd": 1000}
+    assert settings["batch-jobs"]["rate_limit"]["per_user"] is True
+    assert settings["batch-jobs"]["moderation_levels"] == ["auto"]  # from key_defaults
