@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .privacy import hash_user
@@ -128,7 +129,7 @@ class RequestContext:
     # Headers added to whatever response the client gets, success or error.
     response_headers: dict[str, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def user_hash(self) -> str | None:
         """The request's `user`, hashed: the only form of it that may be logged or stored."""
         user = self.request.user if self.request else None

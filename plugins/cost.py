@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 
 from imgproxy.errors import GatewayError
 from imgproxy.hookspecs import hookimpl
@@ -236,15 +237,24 @@ BUDGET_NAMES = {"daily_usd": "daily", "monthly_usd": "monthly", "usd_per_minute"
 
 def spend_periods(key_name: str, now: datetime) -> list[tuple[str, str, float, str]]:
     """(budget setting, state key, ttl, reset time) for the day, the month and the minute."""
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    day, month, minute, resets = _period_names(int(now.timestamp() // 60))
+    return [
+        ("daily_usd", f"spend:{key_name}:day:{day}", 2 * 86400, resets[0]),
+        ("monthly_usd", f"spend:{key_name}:month:{month}", 40 * 86400, resets[1]),
+        ("usd_per_minute", f"spend:{key_name}:minute:{minute}", 120, resets[2]),
+    ]
+
+
+@lru_cache(maxsize=4)
+def _period_names(epoch_minute: int) -> tuple[str, str, str, tuple[str, str, str]]:
+    """Names and reset times of the UTC day, month and minute: formatted once a minute."""
+    minute = datetime.fromtimestamp(epoch_minute * 60, timezone.utc)
+    day = minute.replace(hour=0, minute=0)
     month = day.replace(day=1)
     next_month = (month + timedelta(days=32)).replace(day=1)
-    minute = now.replace(second=0, microsecond=0)
-    return [
-        ("daily_usd", f"spend:{key_name}:day:{day:%Y-%m-%d}", 2 * 86400, f"{day + timedelta(days=1):%Y-%m-%dT%H:%M:%SZ}"),
-        ("monthly_usd", f"spend:{key_name}:month:{month:%Y-%m}", 40 * 86400, f"{next_month:%Y-%m-%dT%H:%M:%SZ}"),
-        ("usd_per_minute", f"spend:{key_name}:minute:{minute:%Y-%m-%dT%H:%M}", 120, f"{minute + timedelta(minutes=1):%Y-%m-%dT%H:%M:%SZ}"),
-    ]
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    resets = ((day + timedelta(days=1)).strftime(stamp), next_month.strftime(stamp), (minute + timedelta(minutes=1)).strftime(stamp))
+    return f"{day:%Y-%m-%d}", f"{month:%Y-%m}", f"{minute:%Y-%m-%dT%H:%M}", resets
 
 
 def usd(amount: float) -> str:

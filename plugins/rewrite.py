@@ -24,7 +24,16 @@ class RewritePlugin:
     @hookimpl
     async def imgproxy_rewrite_response(self, ctx: RequestContext, result):
         want = ctx.request.response_format
-        await asyncio.gather(*(self._convert(ctx, image, want) for image in result.images))
+        todo = [image for image in result.images if self._needs_work(ctx, image, want)]
+        if len(todo) == 1:
+            await self._convert(ctx, todo[0], want)
+        elif todo:
+            await asyncio.gather(*(self._convert(ctx, image, want) for image in todo))
+
+    def _needs_work(self, ctx: RequestContext, image: GeneratedImage, want: str) -> bool:
+        if want == "b64_json":
+            return image.b64_json is None
+        return image.b64_json is not None or ctx.gateway.config.images.upstream_urls == "rehost"
 
     async def _convert(self, ctx: RequestContext, image: GeneratedImage, want: str) -> None:
         images = ctx.gateway.config.images
