@@ -13,8 +13,11 @@ import sys
 from aiohttp import web
 
 from . import __version__
+from . import logs
 from .config import ConfigError
 from .gateway import Gateway
+from .runtime import Runtime
+from .server import create_app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", default=os.environ.get("IMGPROXY_CONFIG", "proxy.yaml"), help="config file (IMGPROXY_CONFIG; default ./proxy.yaml)")
     serve.add_argument("--host", default=os.environ.get("IMGPROXY_HOST"), help="listen address (IMGPROXY_HOST; default from the config, else 127.0.0.1)")
     serve.add_argument("--port", type=int, default=_env_int("IMGPROXY_PORT"), help="listen port (IMGPROXY_PORT; default from the config, else 8080)")
-    serve.add_argument("--log-level", default=os.environ.get("IMGPROXY_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default=os.environ.get("IMGPROXY_LOG_LEVEL"), choices=["debug", "info", "warning", "error"], help="IMGPROXY_LOG_LEVEL; default from the config, else info")
 
     check = commands.add_parser("check-config", help="validate a config file and print its model table")
     check.add_argument("file")
@@ -64,19 +67,27 @@ def _env_int(name: str) -> int | None:
 
 
 def serve_command(args) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level or "info", "json")
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
-        gateway = asyncio.run(Gateway.load(args.config))
+        gateway = loop.run_until_complete(Gateway.load(args.config))
     except ConfigError as exc:
         print(f"imgproxy: invalid config: {exc}", file=sys.stderr)
         return 2
-    from .server import create_app
-
-    server = gateway.config.server
+    config = gateway.config
+    logs.setup(args.log_level or config.logging.level, config.logging.format)
+    server = config.server
     host = args.host or server.host
     port = args.port if args.port is not None else server.port
-    print(f"imgproxy {__version__} serving {len(gateway.config.models)} models on http://{host}:{port}", file=sys.stderr, flush=True)
-    web.run_app(create_app(gateway), host=host, port=port, shutdown_timeout=server.drain_timeout, print=None, access_log=None)
+    runtime = Runtime(gateway, args.config, server.reload_interval)
+    logging.getLogger("imgproxy").info(
+        "imgproxy %s serving %d models on http://%s:%s", __version__, len(config.models), host, port
+    )
+    # The drain timeout bounds how long in-flight requests may finish after SIGTERM.
+    web.run_app(
+        create_app(runtime), host=host, port=port, shutdown_timeout=server.drain_timeout, print=None, access_log=None, loop=loop
+    )
     return 0
 
 

@@ -32,6 +32,19 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = 1024 * 1024
     drain_timeout: float = 25.0
+    reload_interval: float = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int | None = None  # None: /metrics on the API port
+    host: str = "0.0.0.0"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "json"
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,8 @@ class Config:
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     images: ImagesConfig
+    metrics: MetricsConfig
+    logging: LoggingConfig
     default_model: str | None
     user_hash_key: bytes
     enable_plugins: tuple[str, ...]
@@ -210,6 +225,8 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         providers=providers,
         models=models,
         images=images,
+        metrics=MetricsConfig(**raw.get("metrics", {})),
+        logging=LoggingConfig(**raw.get("logging", {})),
         default_model=default_model,
         user_hash_key=raw.get("privacy", {}).get("user_hash_key", "").encode(),
         enable_plugins=tuple(plugins.get("enable", ())),

@@ -14,14 +14,30 @@ import yaml
 from .config import Config, parse_config, read_config_file
 from .forwarder import Upstream
 from .imagestore import FilesystemImageStore, UrlSigner
+from .metrics import Metrics
 from .pluginmanager import build_plugin_manager, call_each
 from .providers.base import Provider
 from .routing import RoutingTable
 from .state import MemoryState, State
 
 
+class Shared:
+    """What outlives a config reload: metrics, limiter and spend state, the fallback URL key."""
+
+    def __init__(self) -> None:
+        self.metrics = Metrics()
+        self.state: State = MemoryState()
+        # Without a configured key, URLs are valid for this process only (said in the docs).
+        self.signing_key = secrets.token_bytes(32)
+
+
 class Gateway:
-    def __init__(self, config: Config, pm: pluggy.PluginManager, adapters: dict[str, type[Provider]]) -> None:
+    def __init__(
+        self, config: Config, pm: pluggy.PluginManager, adapters: dict[str, type[Provider]], shared: Shared | None = None
+    ) -> None:
+        self.shared = shared or Shared()
+        self.metrics = self.shared.metrics
+        self.state = self.shared.state
         self.config = config
         self.pm = pm
         self.routing = RoutingTable(config)
@@ -29,14 +45,17 @@ class Gateway:
         self.providers: dict[str, Provider] = {
             name: adapters[spec.type](spec, self.upstream) for name, spec in config.providers.items()
         }
-        self.store = FilesystemImageStore(config.images.directory, config.images.url_ttl)
-        # Without a configured key, URLs are valid for this process only (said in the docs).
-        self.signer = UrlSigner(config.images.signing_key or secrets.token_bytes(32))
-        self.state: State = MemoryState()
+        self.store = FilesystemImageStore(config.images.directory, config.images.url_ttl, self.metrics.store_operations)
+        self.signer = UrlSigner(config.images.signing_key or self.shared.signing_key)
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._sweeper: asyncio.Task | None = None
 
     @classmethod
-    async def load(cls, path: str | os.PathLike | None = None, *, text: str | None = None, env=None, extra_plugins=()) -> "Gateway":
+    async def load(
+        cls, path: str | os.PathLike | None = None, *, text: str | None = None, env=None, extra_plugins=(), shared: Shared | None = None
+    ) -> "Gateway":
         """Read and validate a config (a file, or `text`), load its plugins and let them configure."""
         source = str(path) if path is not None else "<config>"
         if text is None:
@@ -52,9 +71,24 @@ class Gateway:
         for contributed in pm.hook.imgproxy_config_schema(key_settings=key_settings):
             sections.update(contributed or {})
         config = parse_config(text, source=source, env=env, extra_sections=sections, provider_types=adapters)
-        gateway = cls(config, pm, adapters)
+        gateway = cls(config, pm, adapters, shared)
         await call_each(pm.hook.imgproxy_configure, gateway=gateway)
         return gateway
+
+    @contextlib.contextmanager
+    def serving(self):
+        """Count a request in flight on this gateway, so a reload closes it only after."""
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def drained(self) -> None:
+        await self._idle.wait()
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -69,7 +103,6 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.upstream.close()
-        await self.state.close()
 
 
 def _plugin_lists(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

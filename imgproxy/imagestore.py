@@ -12,6 +12,8 @@ import secrets
 import time
 from pathlib import Path
 
+from .errors import GatewayError
+
 log = logging.getLogger("imgproxy.images")
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
@@ -35,16 +37,26 @@ class UrlSigner:
 class FilesystemImageStore:
     """Images as files named by a random token; a file's age decides its expiry."""
 
-    def __init__(self, directory: str, ttl: int) -> None:
+    def __init__(self, directory: str, ttl: int, operations) -> None:
         self.directory = Path(directory)
         self.ttl = ttl
+        self.operations = operations  # a Prometheus counter labelled by operation and result
+
+    def count(self, operation: str, ok: bool) -> None:
+        self.operations.labels(operation, "ok" if ok else "error").inc()
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     async def put(self, data: bytes, content_type: str) -> str:
         name = f"{secrets.token_urlsafe(18)}.{EXTENSIONS.get(content_type, 'png')}"
-        await asyncio.to_thread(self._write, name, data)
+        try:
+            await asyncio.to_thread(self._write, name, data)
+        except OSError as exc:
+            self.count("put", False)
+            log.error("cannot store an image in %s: %s", self.directory, exc.strerror or exc)
+            raise GatewayError(500, "The gateway could not store the image.", type="server_error", code="image_store_failed") from None
+        self.count("put", True)
         return name
 
     def _write(self, name: str, data: bytes) -> None:
@@ -77,10 +89,16 @@ class FilesystemImageStore:
             await asyncio.sleep(interval)
             try:
                 deleted = await asyncio.to_thread(self.sweep)
-                if deleted:
-                    log.info("deleted %d expired images", deleted)
             except OSError as exc:
+                self.count("sweep", False)
                 log.error("image sweep failed: %s", exc)
+                continue
+            self.count("sweep", True)
+            if deleted:
+                log.info("deleted %d expired images", deleted)
+
+    def writable(self) -> bool:
+        return os.access(self.directory, os.W_OK | os.X_OK)
 
 
 def content_type_of(name: str) -> str:

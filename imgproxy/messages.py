@@ -107,6 +107,10 @@ class Outcome:
     bytes_sent: int = 0
     # Images the provider withheld for content policy (Stability's filtered artifacts).
     filtered: int = 0
+    # Set by the cost plugin: what the request cost.
+    cost_usd: float = 0.0
+    # How the provider call failed, if it did (imgproxy.metrics.UPSTREAM_ERROR_KINDS).
+    upstream_error_kind: str | None = None
 
 
 @dataclass

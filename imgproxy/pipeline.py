@@ -12,6 +12,7 @@ from aiohttp import web
 from .errors import GatewayError
 from .forwarder import StreamTap, forward_stream
 from .messages import Identity, ImagesResult, RequestContext
+from .metrics import UPSTREAM_ERROR_KINDS
 from .pluginmanager import call_each, call_each_guarded, call_first
 from .validation import check_capabilities, check_schema, read_json_body
 
@@ -36,6 +37,9 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
         raise
     except asyncio.CancelledError:
         ctx.outcome.status, ctx.outcome.error_code = 499, "client_closed_request"
+        raise
+    except Exception:
+        ctx.outcome.status, ctx.outcome.error_code = 500, "internal_error"
         raise
     finally:
         await record_usage(ctx)
@@ -65,6 +69,15 @@ def requested_model(ctx: RequestContext) -> str:
 async def call_provider(ctx: RequestContext) -> web.StreamResponse:
     provider = ctx.gateway.providers[ctx.route.provider.name]
     started = time.monotonic()
+    try:
+        return await _call_provider(ctx, provider, started)
+    except GatewayError as error:
+        ctx.outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(error.code)
+        ctx.outcome.upstream_seconds = time.monotonic() - started
+        raise
+
+
+async def _call_provider(ctx: RequestContext, provider, started: float) -> web.StreamResponse:
     async with ctx.exit_stack:  # keeps a streamed upstream answer open until it is forwarded
         reply = await provider.generate(ctx, ctx.request)
         if isinstance(reply, ImagesResult):
@@ -75,6 +88,8 @@ async def call_provider(ctx: RequestContext) -> web.StreamResponse:
         tap = StreamTap(sse=reply.content_type == "text/event-stream")
         response = await forward_stream(ctx, reply, tap)
         ctx.outcome.upstream_seconds = time.monotonic() - started
+        if ctx.outcome.error_code:  # broken off after the status was sent
+            ctx.outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(ctx.outcome.error_code)
         ctx.outcome.images, ctx.outcome.usage = tap.images, tap.usage
         return response
 

@@ -1,57 +1,141 @@
-"""The aiohttp application: routes, request ids, and every error as an OpenAI envelope."""
+"""The aiohttp application: routes, request ids, access log and metrics, and every error as an
+OpenAI envelope."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import GatewayError
 from .gateway import Gateway
 from .imagestore import content_type_of
+from .logs import access_log, request_id_var
 from .messages import RequestContext
 from .pipeline import generate_images
+from .runtime import Runtime
 
 log = logging.getLogger("imgproxy.server")
 
-GATEWAY = web.AppKey("gateway", Gateway)
+RUNTIME = web.AppKey("runtime", Runtime)
 REQUEST_ID = web.RequestKey("request_id", str)
 CONTEXT = web.RequestKey("context", RequestContext)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# Probes and scrapes: no access log line, no request metrics.
+QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
 
 
-def create_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=gateway.config.server.max_body_bytes, middlewares=[request_id, error_envelope])
-    app[GATEWAY] = gateway
-    app.on_response_prepare.append(_stamp_request_id)
+def create_app(served: Gateway | Runtime) -> web.Application:
+    runtime = served if isinstance(served, Runtime) else Runtime(served)
+    app = web.Application(middlewares=[request_id, observe, error_envelope])
+    app[RUNTIME] = runtime
+    app.on_response_prepare.append(_add_headers)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/images/generations", post_generations)
     app.router.add_get("/v1/images/files/{name}", get_image_file)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    metrics = runtime.gateway.config.metrics
+    if metrics.port is None:
+        app.router.add_get("/metrics", get_metrics)
+    else:
+        app.cleanup_ctx.append(_metrics_site(metrics.host, metrics.port))
+    return app
+
+
+def metrics_app(runtime: Runtime) -> web.Application:
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app.router.add_get("/metrics", get_metrics)
     return app
 
 
 async def _lifecycle(app: web.Application):
-    await app[GATEWAY].start()
+    runtime = app[RUNTIME]
+    await runtime.start()
     yield
-    await app[GATEWAY].close()
+    await runtime.close()
+
+
+def _metrics_site(host: str, port: int):
+    async def serve_metrics(app: web.Application):
+        runner = web.AppRunner(metrics_app(app[RUNTIME]), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        yield
+        await runner.cleanup()
+
+    return serve_metrics
 
 
 @web.middleware
 async def request_id(request: web.Request, handler):
     given = request.headers.get("x-request-id", "")
     request[REQUEST_ID] = given if _CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
-    return await handler(request)
+    token = request_id_var.set(request[REQUEST_ID])
+    try:
+        return await handler(request)
+    finally:
+        request_id_var.reset(token)
 
 
-async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
     if REQUEST_ID in request:
         response.headers["x-request-id"] = request[REQUEST_ID]
     if CONTEXT in request:
         response.headers.update(request[CONTEXT].response_headers)
+
+
+@web.middleware
+async def observe(request: web.Request, handler):
+    """One access-log line per request, and the request metrics of generation requests."""
+    if request.path in QUIET_PATHS:
+        return await handler(request)
+    started, status = time.monotonic(), 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    finally:
+        seconds = time.monotonic() - started
+        ctx = request.get(CONTEXT)
+        if ctx is not None:
+            ctx.gateway.metrics.observe_request(ctx, status, seconds)
+        access_log.info("%s %s %s", request.method, request.path, status, extra={"fields": access_fields(request, ctx, status, seconds)})
+
+
+def access_fields(request: web.Request, ctx: RequestContext | None, status: int, seconds: float) -> dict:
+    # The path only: an image URL's query string is its credential.
+    fields = {"method": request.method, "path": request.path, "status": status, "duration_seconds": round(seconds, 4)}
+    if ctx is None:
+        return fields
+    outcome = ctx.outcome
+    fields.update(
+        key=ctx.identity.name if ctx.identity else None,
+        model=ctx.route.model.name if ctx.route else None,
+        provider=ctx.route.provider.name if ctx.route else None,
+        n=ctx.request.n if ctx.request else None,
+        images=outcome.images,
+        upstream_seconds=round(outcome.upstream_seconds, 4) if outcome.upstream_seconds is not None else None,
+        bytes=outcome.bytes_sent,
+        cost_usd=round(outcome.cost_usd, 6),
+        error=outcome.error_code,
+        user=ctx.user_hash if ctx.request else None,
+    )
+    if ctx.request and ctx.identity and ctx.identity.settings.get("log_prompts"):
+        fields["prompt"] = ctx.request.prompt
+    traceparent = request.headers.get("traceparent")
+    if traceparent:
+        fields["traceparent"] = traceparent
+    return fields
 
 
 @web.middleware
@@ -67,19 +151,25 @@ async def error_envelope(request: web.Request, handler):
         message = f"{request.method} {request.path}: {exc.reason}."
         return GatewayError(exc.status, message, code=code, headers={k: v for k, v in exc.headers.items() if k == "Allow"}).to_response()
     except Exception:
-        log.exception("unhandled error (request %s)", request.get(REQUEST_ID))
+        log.exception("unhandled error")
         return GatewayError(500, "The gateway failed unexpectedly; the error was logged.", type="server_error", code="internal_error").to_response()
 
 
 async def post_generations(request: web.Request) -> web.StreamResponse:
-    ctx = RequestContext(gateway=request.app[GATEWAY], http=request, request_id=request[REQUEST_ID])
+    gateway = request.app[RUNTIME].gateway
+    ctx = RequestContext(gateway=gateway, http=request, request_id=request[REQUEST_ID])
     request[CONTEXT] = ctx
-    return await generate_images(ctx)
+    gateway.metrics.in_flight.inc()
+    try:
+        with gateway.serving():
+            return await generate_images(ctx)
+    finally:
+        gateway.metrics.in_flight.dec()
 
 
 async def get_image_file(request: web.Request) -> web.StreamResponse:
     """Serve a hosted image to whoever holds its signed URL (the URL is the credential)."""
-    gateway = request.app[GATEWAY]
+    gateway = request.app[RUNTIME].gateway
     name = request.match_info["name"]
     try:
         expires = int(request.query.get("expires", ""))
@@ -87,17 +177,35 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
         expires = None
     signature = request.query.get("signature", "")
     if expires is None or not gateway.signer.verify(name, expires, signature):
-        raise GatewayError(403, "This image URL is not valid: its signature does not match.", type="invalid_request_error", code="invalid_signature")
+        raise GatewayError(403, "This image URL is not valid: its signature does not match.", code="invalid_signature")
     remaining = expires - int(time.time())
     if remaining <= 0:
         raise GatewayError(410, "This image URL has expired.", code="url_expired")
     path = gateway.store.path(name)
+    gateway.store.count("get", path is not None)
     if path is None:
         raise GatewayError(410, "This image is no longer stored.", code="image_gone")
-    return web.FileResponse(
-        path, headers={"Content-Type": content_type_of(name), "Cache-Control": f"private, max-age={remaining}"}
-    )
+    return web.FileResponse(path, headers={"Content-Type": content_type_of(name), "Cache-Control": f"private, max-age={remaining}"})
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the event loop answers. Never tied to a provider's health."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: a config is loaded, the image store is writable, shared state answers."""
+    runtime = request.app[RUNTIME]
+    checks = {
+        "config": True,
+        "image_store": await asyncio.to_thread(runtime.gateway.store.writable),
+        "state": await runtime.shared.state.ping(),
+        "shutting_down": runtime.shutting_down,
+    }
+    ready = checks["image_store"] and checks["state"] and not runtime.shutting_down
+    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[RUNTIME].shared.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

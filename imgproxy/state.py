@@ -57,6 +57,9 @@ class State(Protocol):
     async def set(self, key: str, value: float, ttl: float) -> None:
         """Set a value that expires after `ttl` seconds."""
 
+    async def ping(self) -> bool:
+        """Whether the backend answers (for readiness)."""
+
     async def close(self) -> None: ...
 
 
@@ -119,6 +122,9 @@ class MemoryState:
 
     async def set(self, key: str, value: float, ttl: float) -> None:
         self._put(key, value, self.clock() + ttl)
+
+    async def ping(self) -> bool:
+        return True
 
     async def close(self) -> None:
         self._data.clear()

@@ -23,12 +23,14 @@ async def read_json_body(http: web.Request, max_bytes: int) -> dict:
             f"Expected a JSON body with Content-Type: application/json, got '{http.content_type or 'none'}'.",
             code="unsupported_media_type",
         )
-    try:
-        raw = await http.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise GatewayError(
-            413, f"The request body is larger than the {max_bytes} bytes this gateway accepts.", code="request_too_large"
-        ) from None
+    too_large = GatewayError(413, f"The request body is larger than the {max_bytes} bytes this gateway accepts.", code="request_too_large")
+    if http.content_length is not None and http.content_length > max_bytes:
+        raise too_large
+    raw = bytearray()
+    async for chunk in http.content.iter_any():
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise too_large
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -202,6 +202,7 @@ class CostPlugin:
                 cost = self.cost(ctx, outcome.images, outcome.usage, ctx.request.quality, ctx.request.size)
             for key, ttl in scratch["keys"]:
                 await ctx.gateway.state.add(key, cost - scratch["reserved"], ttl=ttl)
+        outcome.cost_usd = cost
         if self.usage_log is not None and ctx.request is not None:
             self.write_record(ctx, outcome, cost)
 

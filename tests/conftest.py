@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import openai
 import pytest
 
 from imgproxy.gateway import Gateway
@@ -84,6 +85,21 @@ def make_client(aiohttp_client, config_text):
 @pytest.fixture
 async def client(make_client):
     return await make_client()
+
+
+@pytest.fixture
+async def sdk_for():
+    """The official openai SDK pointed at a test gateway; closed after the test."""
+    made = []
+
+    def make(client, api_key: str = CLIENT_KEY) -> openai.AsyncOpenAI:
+        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=api_key, max_retries=0)
+        made.append(sdk)
+        return sdk
+
+    yield make
+    for sdk in made:
+        await sdk.close()
 
 
 async def assert_error(resp, status: int, code: str | None, param: str | None = None) -> dict:

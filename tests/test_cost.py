@@ -95,9 +95,9 @@ async def test_reservation_is_settled_to_the_real_cost(make_client, config_text)
     assert "monthly budget" in error["message"]
 
 
-async def test_per_minute_budget_and_sdk_error(make_client, config_text):
+async def test_per_minute_budget_and_sdk_error(make_client, config_text, sdk_for):
     client = await make_client(budget(config_text, "{usd_per_minute: 0.05}"))
-    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=CLIENT_KEY, max_retries=0)
+    sdk = sdk_for(client)
     await sdk.images.generate(model="dall-e-3", prompt="x")
     with pytest.raises(openai.RateLimitError) as caught:
         await sdk.images.generate(model="dall-e-3", prompt="x")

@@ -143,9 +143,9 @@ async def test_bad_moderation_config(make_client, config_text, extra, path):
     assert caught.value.path == path
 
 
-async def test_sdk_error_types(make_client, config_text):
+async def test_sdk_error_types(make_client, config_text, sdk_for):
     client = await make_client(config_text(extra=RULES))
-    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=CLIENT_KEY, max_retries=0)
+    sdk = sdk_for(client)
     with pytest.raises(openai.BadRequestError) as caught:
         await sdk.images.generate(model="placeholder", prompt="a bazooka")
     assert caught.value.code == "content_policy_violation"

@@ -10,8 +10,8 @@ from tests.fakes import FAKE_PNG, png_size
 
 
 @pytest.fixture
-def sdk(client):
-    return openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=CLIENT_KEY, max_retries=0)
+def sdk(client, sdk_for):
+    return sdk_for(client)
 
 
 async def test_dall_e_3_landscape_hd_natural(sdk, client, fake_openai):
@@ -54,7 +54,7 @@ async def test_gpt_image_usage(sdk):
     assert result.usage.total_tokens == 100 and result.data[0].b64_json
 
 
-async def test_errors_raise_the_sdk_exceptions(sdk, client):
+async def test_errors_raise_the_sdk_exceptions(sdk, client, sdk_for):
     with pytest.raises(openai.BadRequestError) as caught:
         await sdk.images.generate(model="dall-e-3", prompt="x", size="256x256")
     assert caught.value.code == "invalid_size" and caught.value.param == "size"
@@ -64,7 +64,7 @@ async def test_errors_raise_the_sdk_exceptions(sdk, client):
     with pytest.raises(openai.BadRequestError) as caught:
         await sdk.images.generate(model="dall-e-3", prompt="forbidden thing")
     assert caught.value.code == "content_policy_violation"
-    wrong = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="sk-wrong", max_retries=0)
+    wrong = sdk_for(client, "sk-wrong")
     with pytest.raises(openai.AuthenticationError) as caught:
         await wrong.images.generate(model="dall-e-3", prompt="x")
     assert caught.value.code == "invalid_api_key"

@@ -60,9 +60,9 @@ async def test_keys_are_limited_separately(make_client, config_text):
     await images_body(await client.post(URL, json=BODY, headers={"Authorization": "Bearer sk-second-key-0000000"}))
 
 
-async def test_sdk_sees_a_rate_limit_error(make_client, config_text):
+async def test_sdk_sees_a_rate_limit_error(make_client, config_text, sdk_for):
     client = await make_client(limited(config_text, "{requests_per_minute: 1}"))
-    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=CLIENT_KEY, max_retries=0)
+    sdk = sdk_for(client)
     await sdk.images.generate(**BODY)
     with pytest.raises(openai.RateLimitError) as caught:
         await sdk.images.generate(**BODY)

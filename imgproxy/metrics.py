@@ -1,0 +1,100 @@
+"""Prometheus metrics. Label values are bounded: model, provider and key names from the config,
+status codes, and reasons and kinds from fixed sets; never an end user, a prompt, a request id
+or a model name a client made up."""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from . import __version__
+
+# Image generation takes from a fraction of a second (placeholder, cached) to minutes.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120)
+
+# Error codes that are policy refusals, by the reason label they are counted under.
+REFUSAL_REASONS = {
+    "rate_limit_exceeded": "rate_limited",
+    "insufficient_quota": "budget",
+    "content_policy_violation": "content_policy",
+    "moderation_blocked": "content_policy",
+    "moderation_level_not_allowed": "moderation_level",
+    "user_cooling_down": "user_cooling_down",
+    "model_not_allowed": "model_not_allowed",
+    "moderation_unavailable": "moderation_unavailable",
+}
+
+# Gateway error codes raised on the provider path, by the upstream error kind they count as.
+UPSTREAM_ERROR_KINDS = {
+    "upstream_timeout": "timeout",
+    "upstream_unavailable": "connect",
+    "upstream_error": "5xx",
+    "upstream_bad_response": "bad_body",
+    "upstream_auth_failed": "auth",
+    "upstream_quota_exceeded": "quota",
+    "upstream_model_not_found": "not_found",
+    "rate_limit_exceeded": "rate_limited",
+}
+
+UNKNOWN = "unknown"  # label value for a model or key the request never resolved to
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "imgproxy_requests", "Image generation requests, by outcome.", ["model", "provider", "key", "status"], registry=registry
+        )
+        self.request_duration = Histogram(
+            "imgproxy_request_duration_seconds", "Time to answer a generation request.", ["model", "provider"],
+            buckets=DURATION_BUCKETS, registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "imgproxy_upstream_duration_seconds", "Time the provider took, streaming included.", ["model", "provider"],
+            buckets=DURATION_BUCKETS, registry=registry,
+        )
+        self.images = Counter("imgproxy_images_generated", "Images returned to clients.", ["model", "size", "quality"], registry=registry)
+        self.cost = Counter("imgproxy_cost_usd", "Metered cost in US dollars.", ["key", "model", "provider"], registry=registry)
+        self.refusals = Counter(
+            "imgproxy_refused_requests", "Requests refused by policy before any upstream call.", ["key", "reason"], registry=registry
+        )
+        self.upstream_errors = Counter(
+            "imgproxy_upstream_errors", "Failed provider calls, by kind.", ["provider", "kind"], registry=registry
+        )
+        self.in_flight = Gauge("imgproxy_in_flight_requests", "Generation requests being served.", registry=registry)
+        self.sent_bytes = Counter("imgproxy_response_bytes", "Response body bytes sent for generation requests.", ["model"], registry=registry)
+        self.store_operations = Counter(
+            "imgproxy_image_store_operations", "Image store operations, by result.", ["operation", "result"], registry=registry
+        )
+        self.config_reloads = Counter("imgproxy_config_reloads", "Config reload attempts, by result.", ["result"], registry=registry)
+        self.config_loaded = Gauge(
+            "imgproxy_config_last_reload_success_timestamp_seconds", "When the running config was loaded.", registry=registry
+        )
+        self.build_info = Gauge("imgproxy_build_info", "Always 1; labels say what is running.", ["version", "python"], registry=registry)
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        for operation in ("put", "get", "sweep"):
+            for result in ("ok", "error"):
+                self.store_operations.labels(operation, result)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        self.config_loaded.set_to_current_time()
+
+    def observe_request(self, ctx, status: int, seconds: float) -> None:
+        model = ctx.route.model.name if ctx.route else UNKNOWN
+        provider = ctx.route.provider.name if ctx.route else UNKNOWN
+        key = ctx.identity.name if ctx.identity else UNKNOWN
+        outcome = ctx.outcome
+        self.requests.labels(model, provider, key, str(status)).inc()
+        self.request_duration.labels(model, provider).observe(seconds)
+        self.sent_bytes.labels(model).inc(outcome.bytes_sent)
+        if outcome.upstream_seconds is not None:
+            self.upstream_duration.labels(model, provider).observe(outcome.upstream_seconds)
+        if outcome.images and ctx.request is not None:
+            self.images.labels(model, ctx.request.size, ctx.request.quality or "").inc(outcome.images)
+        if outcome.cost_usd:
+            self.cost.labels(key, model, provider).inc(outcome.cost_usd)
+        if outcome.upstream_error_kind:
+            self.upstream_errors.labels(provider, outcome.upstream_error_kind).inc()
+        elif outcome.error_code in REFUSAL_REASONS:
+            self.refusals.labels(key, REFUSAL_REASONS[outcome.error_code]).inc()
