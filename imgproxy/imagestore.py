@@ -98,7 +98,7 @@ class FilesystemImageStore:
                 log.info("deleted %d expired images", deleted)
 
     def writable(self) -> bool:
-        return os.access(self.directory, os.W_OK | os.X_OK)
+        return self.directory.is_dir() and os.access(self.directory, os.W_OK | os.X_OK)
 
 
 def content_type_of(name: str) -> str:

@@ -12,6 +12,20 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("img
 
 access_log = logging.getLogger("imgproxy.access")
 
+_make_record = logging.getLogRecordFactory()
+
+
+def _record_with_request_id(*args, **kwargs) -> logging.LogRecord:
+    # Stamp the request id when the line is made: a handler may format it later, elsewhere.
+    record = _make_record(*args, **kwargs)
+    record.request_id = request_id_var.get()
+    return record
+
+
+if not getattr(_make_record, "imgproxy", False):
+    _record_with_request_id.imgproxy = True
+    logging.setLogRecordFactory(_record_with_request_id)
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -21,7 +35,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        request_id = getattr(record, "request_id", None)
         if request_id:
             line["request_id"] = request_id
         line.update(getattr(record, "fields", None) or {})
@@ -39,8 +53,8 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if fields:
             text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        request_id = request_id_var.get()
-        return f"{text} request_id={request_id}" if request_id and not fields else text
+        request_id = getattr(record, "request_id", None)
+        return f"{text} request_id={request_id}" if request_id else text
 
 
 def setup(level: str = "info", fmt: str = "json") -> None:

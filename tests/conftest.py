@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import logging
+
 import openai
 import pytest
+
+from imgproxy.logs import JsonFormatter
 
 from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
@@ -43,6 +47,36 @@ images:
   signing_key: test-signing-key
 {extra}
 """
+
+
+class _Collect(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines = lines
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+_SESSION_LOG: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def all_log_output():
+    """Every log line of the test session, formatted as in production; at the end of the
+    session no key used in the tests may appear in it."""
+    handler = _Collect(_SESSION_LOG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(logging.DEBUG)
+    yield _SESSION_LOG
+    root.removeHandler(handler)
+    root.setLevel(previous)
+    text = "\n".join(_SESSION_LOG)
+    leaked = [key for key in (FakeUpstream.key, CLIENT_KEY) if key in text]
+    assert not leaked, f"keys appeared in log output: {leaked}"
 
 
 @pytest.fixture
