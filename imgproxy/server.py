@@ -49,9 +49,13 @@ def create_app(served: Gateway | Runtime) -> web.Application:
 
 
 def metrics_app(runtime: Runtime) -> web.Application:
+    """The operations port: metrics and health probes, which a sidecar's kubelet can reach
+    while the API itself listens on localhost only."""
     app = web.Application()
     app[RUNTIME] = runtime
     app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app
 
 

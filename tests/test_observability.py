@@ -92,6 +92,10 @@ async def test_separate_metrics_port(make_client, unused_tcp_port):
     assert (await client.get("/metrics")).status == 404
     resp = await client.session.get(f"http://127.0.0.1:{port}/metrics")
     assert resp.status == 200 and "imgproxy_build_info" in await resp.text()
+    # The probes are on the operations port too (a sidecar's API listens on localhost only).
+    assert (await client.session.get(f"http://127.0.0.1:{port}/healthz")).status == 200
+    assert (await client.session.get(f"http://127.0.0.1:{port}/readyz")).status == 200
+    assert (await client.session.get(f"http://127.0.0.1:{port}/v1/images/generations")).status == 404
 
 
 async def test_access_log_line(client, caplog):
