@@ -15,7 +15,7 @@ from .config import Config, parse_config, read_config_file
 from .forwarder import Upstream
 from .imagestore import FilesystemImageStore, UrlSigner
 from .metrics import Metrics
-from .pluginmanager import build_plugin_manager, call_each
+from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
 from .routing import RoutingTable
 from .state import MemoryState, State
@@ -40,6 +40,7 @@ class Gateway:
         self.state = self.shared.state
         self.config = config
         self.pm = pm
+        self.hooks = Hooks(pm)
         self.routing = RoutingTable(config)
         self.upstream = Upstream()
         self.providers: dict[str, Provider] = {
@@ -72,7 +73,7 @@ class Gateway:
             sections.update(contributed or {})
         config = parse_config(text, source=source, env=env, extra_sections=sections, provider_types=adapters)
         gateway = cls(config, pm, adapters, shared)
-        await call_each(pm.hook.imgproxy_configure, gateway=gateway)
+        await gateway.hooks.each("imgproxy_configure", gateway=gateway)
         return gateway
 
     @contextlib.contextmanager
@@ -94,10 +95,10 @@ class Gateway:
         await self.upstream.start()
         await asyncio.to_thread(self.store.prepare)
         self._sweeper = asyncio.create_task(self.store.sweep_forever(self.config.images.sweep_interval))
-        await call_each(self.pm.hook.imgproxy_startup, gateway=self)
+        await self.hooks.each("imgproxy_startup", gateway=self)
 
     async def close(self) -> None:
-        await call_each(self.pm.hook.imgproxy_shutdown, gateway=self)
+        await self.hooks.each("imgproxy_shutdown", gateway=self)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

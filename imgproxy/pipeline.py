@@ -13,7 +13,6 @@ from .errors import GatewayError
 from .forwarder import StreamTap, forward_stream
 from .messages import Identity, ImagesResult, RequestContext
 from .metrics import UPSTREAM_ERROR_KINDS
-from .pluginmanager import call_each, call_each_guarded, call_first
 from .validation import check_capabilities, check_schema, read_json_body
 
 log = logging.getLogger("imgproxy.pipeline")
@@ -28,7 +27,7 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
         check_schema(ctx.body)
         ctx.route = ctx.gateway.routing.resolve(requested_model(ctx))
         ctx.request = check_capabilities(ctx.body, ctx.route)
-        await call_each(ctx.gateway.pm.hook.imgproxy_check_request, ctx=ctx)
+        await ctx.gateway.hooks.each("imgproxy_check_request", ctx=ctx)
         response = await call_provider(ctx)
         ctx.outcome.status = response.status
         return response
@@ -46,10 +45,10 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
 
 
 async def authenticate(ctx: RequestContext) -> Identity:
-    hook = ctx.gateway.pm.hook.imgproxy_authenticate
-    if not hook.get_hookimpls():
+    hooks = ctx.gateway.hooks
+    if not hooks.has("imgproxy_authenticate"):
         return Identity("anonymous")  # the auth plugin was disabled on purpose
-    identity = await call_first(hook, ctx=ctx)
+    identity = await hooks.first("imgproxy_authenticate", ctx=ctx)
     if identity is None:
         if "Authorization" not in ctx.http.headers:
             raise GatewayError(
@@ -83,7 +82,7 @@ async def _call_provider(ctx: RequestContext, provider, started: float) -> web.S
         if isinstance(reply, ImagesResult):
             ctx.outcome.upstream_seconds = time.monotonic() - started
             ctx.outcome.filtered = reply.filtered
-            await call_each(ctx.gateway.pm.hook.imgproxy_rewrite_response, ctx=ctx, result=reply)
+            await ctx.gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
             return images_response(ctx, reply)
         tap = StreamTap(sse=reply.content_type == "text/event-stream")
         response = await forward_stream(ctx, reply, tap)
@@ -111,4 +110,4 @@ def images_response(ctx: RequestContext, result: ImagesResult) -> web.Response:
 async def record_usage(ctx: RequestContext) -> None:
     # Accounting must never turn a served request into an error, nor one plugin's failure
     # lose another's record.
-    await call_each_guarded(ctx.gateway.pm.hook.imgproxy_record_usage, log, ctx=ctx, outcome=ctx.outcome)
+    await ctx.gateway.hooks.each_guarded("imgproxy_record_usage", log, ctx=ctx, outcome=ctx.outcome)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from types import CoroutineType
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -54,44 +55,52 @@ def _instantiate(obj: Any) -> Any:
 
 async def await_me_maybe(value: Any) -> Any:
     """Hooks may be sync or async: await what needs awaiting."""
-    if inspect.isawaitable(value):
+    if type(value) is CoroutineType or inspect.isawaitable(value):
         return await value
     return value
 
 
-# pluggy's own hook call would create every coroutine at once: a refusal by one implementation
-# could leave the others never awaited, and sync implementations would all run before any
-# async one. These call one implementation at a time, in pluggy's order (so hook wrappers do
-# not apply to these hooks).
+class Hooks:
+    """Runs a gateway's hooks one implementation at a time, in pluggy's order.
 
+    pluggy's own hook call would create every coroutine at once: a refusal by one
+    implementation could leave the others never awaited, and sync implementations would all
+    run before any async one. So each implementation is awaited before the next is called
+    (pluggy hook wrappers therefore do not apply). The implementations are looked up once per
+    gateway, not on every request.
+    """
 
-def _implementations(hook: pluggy.HookCaller):
-    return reversed(hook.get_hookimpls())
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._impls = {
+            name: tuple((impl.function, tuple(impl.argnames), impl.plugin_name) for impl in reversed(getattr(pm.hook, name).get_hookimpls()))
+            for name in dir(hookspecs)
+            if name.startswith("imgproxy_")
+        }
 
+    def has(self, name: str) -> bool:
+        return bool(self._impls[name])
 
-def _call(impl, kwargs: dict) -> Any:
-    return impl.function(*(kwargs[name] for name in impl.argnames))
+    async def each(self, name: str, **kwargs) -> None:
+        """Run every implementation; an exception stops the rest."""
+        for function, argnames, _ in self._impls[name]:
+            result = function(*[kwargs[arg] for arg in argnames])
+            if result is not None:
+                await await_me_maybe(result)
 
+    async def first(self, name: str, **kwargs) -> Any:
+        """The first non-None result; the implementations after it are not called."""
+        for function, argnames, _ in self._impls[name]:
+            result = await await_me_maybe(function(*[kwargs[arg] for arg in argnames]))
+            if result is not None:
+                return result
+        return None
 
-async def call_each(hook: pluggy.HookCaller, **kwargs) -> None:
-    """Run every implementation, each awaited before the next starts; an exception stops the rest."""
-    for impl in _implementations(hook):
-        await await_me_maybe(_call(impl, kwargs))
-
-
-async def call_first(hook: pluggy.HookCaller, **kwargs) -> Any:
-    """The first non-None result; the implementations after it are not called."""
-    for impl in _implementations(hook):
-        result = await await_me_maybe(_call(impl, kwargs))
-        if result is not None:
-            return result
-    return None
-
-
-async def call_each_guarded(hook: pluggy.HookCaller, log: logging.Logger, **kwargs) -> None:
-    """Run every implementation whatever the others do; exceptions are logged."""
-    for impl in _implementations(hook):
-        try:
-            await await_me_maybe(_call(impl, kwargs))
-        except Exception:
-            log.exception("the %s hook of plugin %s failed", hook.name, impl.plugin_name)
+    async def each_guarded(self, name: str, log: logging.Logger, **kwargs) -> None:
+        """Run every implementation whatever the others do; exceptions are logged."""
+        for function, argnames, plugin in self._impls[name]:
+            try:
+                result = function(*[kwargs[arg] for arg in argnames])
+                if result is not None:
+                    await await_me_maybe(result)
+            except Exception:
+                log.exception("the %s hook of plugin %s failed", name, plugin)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from importlib import resources
 
@@ -58,3 +59,71 @@ def _json_type(value) -> str:
 
 def dotted(path: list) -> str:
     return ".".join(str(p) for p in path) or "(top level)"
+
+
+# A fast path for the request body. jsonschema walks a generic keyword tree on every call,
+# about 130 µs for a request; the body schema is a flat object of simple properties, which
+# compiles into a few type and range checks. Only a body the compiled check refuses goes to
+# jsonschema, for its precise error. A schema using anything else is not compiled.
+_FLAT_OBJECT_KEYS = {"$schema", "$id", "title", "description", "type", "additionalProperties", "required", "properties"}
+_PROPERTY_KEYS = {"description", "type", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern"}
+_TYPE_CHECKS = {
+    "string": lambda v: type(v) is str,
+    "boolean": lambda v: type(v) is bool,
+    "null": lambda v: v is None,
+    "integer": lambda v: type(v) is int or (type(v) is float and v.is_integer()),
+    "number": lambda v: type(v) in (int, float),
+    "object": lambda v: type(v) is dict,
+    "array": lambda v: type(v) is list,
+}
+
+
+def compile_flat_object(schema: dict):
+    """A function body -> bool that agrees with the schema, or None if the schema is not a flat
+    object of simple properties (then only jsonschema can decide)."""
+    if set(schema) - _FLAT_OBJECT_KEYS or schema.get("type") != "object" or schema.get("additionalProperties") is not False:
+        return None
+    checks = {}
+    for name, spec in schema.get("properties", {}).items():
+        if not isinstance(spec, dict) or set(spec) - _PROPERTY_KEYS:
+            return None
+        checks[name] = _compile_property(spec)
+    required = tuple(schema.get("required", ()))
+
+    def is_valid(body) -> bool:
+        if type(body) is not dict:
+            return False
+        for name in required:
+            if name not in body:
+                return False
+        for name, value in body.items():
+            check = checks.get(name)
+            if check is None or not check(value):
+                return False
+        return True
+
+    return is_valid
+
+
+def _compile_property(spec: dict):
+    tests = []
+    if "type" in spec:
+        kinds = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
+        type_checks = [_TYPE_CHECKS[kind] for kind in kinds]
+        tests.append(lambda v: any(check(v) for check in type_checks))
+    if "enum" in spec:
+        # JSON equality: true is not 1, and 1 is 1.0.
+        allowed = {(type(e) is bool, e) for e in spec["enum"]}
+        tests.append(lambda v: (type(v) is bool, v) in allowed if v is None or type(v) in (str, int, float, bool) else False)
+    if "minimum" in spec:
+        tests.append(lambda v, m=spec["minimum"]: type(v) not in (int, float) or type(v) is bool or v >= m)
+    if "maximum" in spec:
+        tests.append(lambda v, m=spec["maximum"]: type(v) not in (int, float) or type(v) is bool or v <= m)
+    if "minLength" in spec:
+        tests.append(lambda v, m=spec["minLength"]: type(v) is not str or len(v) >= m)
+    if "maxLength" in spec:
+        tests.append(lambda v, m=spec["maxLength"]: type(v) is not str or len(v) <= m)
+    if "pattern" in spec:
+        pattern = re.compile(spec["pattern"])
+        tests.append(lambda v: type(v) is not str or pattern.search(v) is not None)
+    return lambda v: all(test(v) for test in tests)

@@ -12,7 +12,9 @@ from .errors import GatewayError, invalid_request
 from .messages import ImageRequest
 from .routing import Route
 
-_REQUEST_VALIDATOR = None
+_REQUEST_SCHEMA = schemafiles.load("image-generation-request.schema.json")
+_REQUEST_VALIDATOR = schemafiles.validator(_REQUEST_SCHEMA)
+_REQUEST_IS_VALID = schemafiles.compile_flat_object(_REQUEST_SCHEMA)
 
 
 async def read_json_body(http: web.Request, max_bytes: int) -> dict:
@@ -41,9 +43,8 @@ async def read_json_body(http: web.Request, max_bytes: int) -> dict:
 
 
 def check_schema(body: dict) -> None:
-    global _REQUEST_VALIDATOR
-    if _REQUEST_VALIDATOR is None:
-        _REQUEST_VALIDATOR = schemafiles.validator(schemafiles.load("image-generation-request.schema.json"))
+    if _REQUEST_IS_VALID is not None and _REQUEST_IS_VALID(body):
+        return
     problem = schemafiles.first_error(_REQUEST_VALIDATOR, body)
     if problem is None:
         return
@@ -68,7 +69,7 @@ def check_capabilities(body: dict, route: Route) -> ImageRequest:
             param="prompt",
             code="string_above_max_length",
         )
-    n = given.get("n", 1)
+    n = int(given.get("n", 1))  # JSON's 2.0 is the integer 2
     if n > caps.max_n:
         allowed = "must be 1" if caps.max_n == 1 else f"must be between 1 and {caps.max_n}"
         raise invalid_request(f"Invalid n for {model}: {allowed}.", param="n", code="invalid_n")

@@ -20,7 +20,7 @@ from aiohttp.test_utils import make_mocked_request
 from imgproxy.gateway import Gateway
 from imgproxy.messages import GeneratedImage, ImagesResult, RequestContext
 from imgproxy.pipeline import authenticate, record_usage
-from imgproxy.pluginmanager import call_each
+
 from imgproxy.validation import check_capabilities, check_schema
 
 KEY = "sk-benchmark-key-0000000000"
@@ -56,9 +56,9 @@ async def one_request(gateway: Gateway, http, body: dict) -> None:
     check_schema(body)
     ctx.route = gateway.routing.resolve(body["model"])
     ctx.request = check_capabilities(body, ctx.route)
-    await call_each(gateway.pm.hook.imgproxy_check_request, ctx=ctx)
+    await gateway.hooks.each("imgproxy_check_request", ctx=ctx)
     result = ImagesResult(created=1, images=[GeneratedImage(b64_json="aGVsbG8=")])
-    await call_each(gateway.pm.hook.imgproxy_rewrite_response, ctx=ctx, result=result)
+    await gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=result)
     ctx.outcome.status, ctx.outcome.images = 200, len(result.images)
     await record_usage(ctx)
 
