@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -43,11 +42,11 @@ class Upstream:
         assert self._session is not None, "Upstream.start() was not awaited"
         return self._session
 
-    @asynccontextmanager
-    async def request(
+    async def send(
         self, ctx: RequestContext, provider: ProviderConfig, method: str, url: str, *, timeout: float, **kwargs
-    ):
-        """Send one upstream request; connection failures and timeouts become 502/504."""
+    ) -> aiohttp.ClientResponse:
+        """Send one upstream request and return the response with its body still unread: the
+        caller releases it. Connection failures and timeouts become 502/504."""
         headers = kwargs.pop("headers", {})
         headers["x-request-id"] = ctx.request_id
         headers.setdefault("Accept-Encoding", "identity")
@@ -56,21 +55,14 @@ class Upstream:
             headers["traceparent"] = traceparent
         client_timeout = aiohttp.ClientTimeout(total=timeout, connect=provider.connect_timeout)
         try:
-            async with self.session.request(method, url, headers=headers, timeout=client_timeout, **kwargs) as resp:
-                yield resp
-        except asyncio.TimeoutError:
-            log.warning("provider %s timed out after %ss (request %s)", provider.name, timeout, ctx.request_id)
-            raise upstream_error(
-                f"The provider '{provider.name}' did not answer within {timeout:g} seconds.", status=504, code="upstream_timeout"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            log.warning("cannot connect to provider %s: %s (request %s)", provider.name, exc.os_error, ctx.request_id)
-            raise upstream_error(f"Could not connect to the provider '{provider.name}'.", code="upstream_unavailable") from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
-            log.warning("provider %s broke off its answer: %r (request %s)", provider.name, exc, ctx.request_id)
-            raise upstream_error(
-                f"The provider '{provider.name}' closed the connection before a complete answer.", code="upstream_bad_response"
-            ) from None
+            return await self.session.request(method, url, headers=headers, timeout=client_timeout, **kwargs)
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise failure(exc, provider, timeout) from None
+
+    def request(self, ctx: RequestContext, provider: ProviderConfig, method: str, url: str, *, timeout: float, **kwargs) -> "Exchange":
+        """`async with upstream.request(...) as response:` send, read, and release; failures
+        while reading the body are mapped like those while sending."""
+        return Exchange(self, ctx, provider, method, url, timeout, kwargs)
 
     async def read_json(self, resp: aiohttp.ClientResponse, provider: ProviderConfig) -> dict:
         """The answer as a JSON object, or 502 for anything else (garbage, truncation, HTML)."""
@@ -80,11 +72,19 @@ class Upstream:
         except (ValueError, UnicodeDecodeError):
             log.warning("provider %s sent a body that is not JSON (status %s)", provider.name, resp.status)
             body = None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise failure(exc, provider, None) from None
         if not isinstance(body, dict):
             raise upstream_error(
                 f"The provider '{provider.name}' returned an answer that is not a JSON object.", code="upstream_bad_response"
             )
         return body
+
+    async def first_chunk(self, resp: aiohttp.ClientResponse, provider: ProviderConfig) -> bytes:
+        try:
+            return await resp.content.readany()
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise failure(exc, provider, None) from None
 
     async def fetch_image(
         self, ctx: RequestContext, provider: ProviderConfig, url: str, *, max_bytes: int, timeout: float
@@ -105,6 +105,41 @@ class Upstream:
                 )
             content_type = resp.content_type if resp.content_type.startswith("image/") else "image/png"
             return await _read_limited(resp, max_bytes, what="image"), content_type
+
+
+class Exchange:
+    """The async context manager `Upstream.request` returns."""
+
+    __slots__ = ("upstream", "ctx", "provider", "method", "url", "timeout", "kwargs", "response")
+
+    def __init__(self, upstream: Upstream, ctx, provider, method, url, timeout, kwargs) -> None:
+        self.upstream, self.ctx, self.provider, self.method, self.url, self.timeout, self.kwargs = (
+            upstream, ctx, provider, method, url, timeout, kwargs
+        )
+        self.response = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        self.response = await self.upstream.send(self.ctx, self.provider, self.method, self.url, timeout=self.timeout, **self.kwargs)
+        return self.response
+
+    async def __aexit__(self, kind, exc, tb) -> bool:
+        self.response.release()
+        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ClientError)):
+            raise failure(exc, self.provider, self.timeout) from None
+        return False
+
+
+def failure(exc: BaseException, provider: ProviderConfig, timeout: float | None) -> GatewayError:
+    """The gateway error for an aiohttp failure talking to a provider (and an operator log line)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        log.warning("provider %s timed out after %ss", provider.name, timeout)
+        within = f"within {timeout:g} seconds" if timeout else "in time"
+        return upstream_error(f"The provider '{provider.name}' did not answer {within}.", status=504, code="upstream_timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        log.warning("cannot connect to provider %s: %s", provider.name, exc.os_error)
+        return upstream_error(f"Could not connect to the provider '{provider.name}'.", code="upstream_unavailable")
+    log.warning("provider %s broke off its answer: %r", provider.name, exc)
+    return upstream_error(f"The provider '{provider.name}' closed the connection before a complete answer.", code="upstream_bad_response")
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str = "answer") -> bytes:

@@ -4,7 +4,6 @@ answer, and the per-request context that hooks see."""
 from __future__ import annotations
 
 import time
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -128,8 +127,6 @@ class RequestContext:
     needs_body: bool = False
     # Per-request scratch space for plugins, keyed by plugin name.
     scratch: dict[str, Any] = field(default_factory=dict)
-    # Upstream responses that stay open while they are streamed to the client.
-    exit_stack: AsyncExitStack = field(default_factory=AsyncExitStack)
     # Headers added to whatever response the client gets, success or error.
     response_headers: dict[str, str] = field(default_factory=dict)
 

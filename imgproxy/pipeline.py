@@ -77,20 +77,22 @@ async def call_provider(ctx: RequestContext) -> web.StreamResponse:
 
 
 async def _call_provider(ctx: RequestContext, provider, started: float) -> web.StreamResponse:
-    async with ctx.exit_stack:  # keeps a streamed upstream answer open until it is forwarded
-        reply = await provider.generate(ctx, ctx.request)
-        if isinstance(reply, ImagesResult):
-            ctx.outcome.upstream_seconds = time.monotonic() - started
-            ctx.outcome.filtered = reply.filtered
-            await ctx.gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
-            return images_response(ctx, reply)
-        tap = StreamTap(sse=reply.content_type == "text/event-stream")
-        response = await forward_stream(ctx, reply, tap)
+    reply = await provider.generate(ctx, ctx.request)
+    if isinstance(reply, ImagesResult):
         ctx.outcome.upstream_seconds = time.monotonic() - started
-        if ctx.outcome.error_code:  # broken off after the status was sent
-            ctx.outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(ctx.outcome.error_code)
-        ctx.outcome.images, ctx.outcome.usage = tap.images, tap.usage
-        return response
+        ctx.outcome.filtered = reply.filtered
+        await ctx.gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
+        return images_response(ctx, reply)
+    tap = StreamTap(sse=reply.content_type == "text/event-stream")
+    try:
+        response = await forward_stream(ctx, reply, tap)
+    finally:
+        reply.response.release()
+    ctx.outcome.upstream_seconds = time.monotonic() - started
+    if ctx.outcome.error_code:  # broken off after the status was sent
+        ctx.outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(ctx.outcome.error_code)
+    ctx.outcome.images, ctx.outcome.usage = tap.images, tap.usage
+    return response
 
 
 def images_response(ctx: RequestContext, result: ImagesResult) -> web.Response:

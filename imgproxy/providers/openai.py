@@ -18,17 +18,22 @@ class OpenAIProvider(Provider):
         key = self.require_key(request.model)
         upstream_format = self.upstream_format(ctx, request)
         url = f"{self.config.base_url}/images/generations"
-        resp = await ctx.exit_stack.enter_async_context(
-            self.upstream.request(
-                ctx,
-                self.config,
-                "POST",
-                url,
-                timeout=self.timeout(ctx),
-                json=self.build_body(ctx, request, upstream_format),
-                headers={"Authorization": f"Bearer {key}"},
-            )
+        resp = await self.upstream.send(
+            ctx,
+            self.config,
+            "POST",
+            url,
+            timeout=self.timeout(ctx),
+            json=self.build_body(ctx, request, upstream_format),
+            headers={"Authorization": f"Bearer {key}"},
         )
+        try:
+            return await self.answer(ctx, request, resp, upstream_format)
+        except BaseException:
+            resp.release()
+            raise
+
+    async def answer(self, ctx: RequestContext, request: ImageRequest, resp, upstream_format: str) -> ImagesResult | StreamedReply:
         if resp.status != 200:
             raise self.map_error(resp.status, await self.upstream.read_json(resp, self.config) if _is_json(resp) else {}, resp)
         if request.stream:
@@ -37,11 +42,13 @@ class OpenAIProvider(Provider):
             return StreamedReply(resp, "text/event-stream")
         if self.can_stream_through(ctx, upstream_format) and _is_json(resp):
             # Peek before the client's status is fixed: garbage must still become a 502.
-            first = await resp.content.readany()
+            first = await self.upstream.first_chunk(resp, self.config)
             if not first.lstrip().startswith(b"{"):
                 raise upstream_error(f"The provider '{self.config.name}' returned an answer that is not a JSON object.", code="upstream_bad_response")
             return StreamedReply(resp, "application/json", first)
-        return self.parse(await self.upstream.read_json(resp, self.config), request)
+        body = await self.upstream.read_json(resp, self.config)
+        resp.release()
+        return self.parse(body, request)
 
     def upstream_format(self, ctx: RequestContext, request: ImageRequest) -> str | None:
         """What to ask the upstream for: the client's format when the upstream has it, except that

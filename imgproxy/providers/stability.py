@@ -35,11 +35,11 @@ class StabilityProvider(Provider):
             headers={"Authorization": f"Bearer {key}", "Accept": "application/json"},
         ) as resp:
             body = await self.upstream.read_json(resp, self.config) if resp.content_type == "application/json" else {}
-            if resp.status != 200:
-                raise self.map_error(resp.status, body)
-            if not body:
-                await self.upstream.read_json(resp, self.config)  # raises the 502 for a non-JSON answer
-            return self.parse(body)
+        if resp.status != 200:
+            raise self.map_error(resp.status, body)
+        if not body:
+            raise upstream_error(f"The provider '{self.config.name}' returned an answer that is not JSON.", code="upstream_bad_response")
+        return self.parse(body)
 
     def build_body(self, request: ImageRequest) -> dict:
         width, _, height = request.size.partition("x")
