@@ -1,16 +1,19 @@
-"""Log lines as JSON on stdout, each carrying the request id of the request it belongs to."""
+"""Log lines as JSON on stdout, each carrying the request id of the request it belongs to.
+
+The access log (one line per request) is written directly rather than through `logging`,
+which costs about four times as much per line; it is flushed once per event-loop turn.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+import time
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("imgproxy_request_id", default=None)
-
-access_log = logging.getLogger("imgproxy.access")
 
 _make_record = logging.getLogRecordFactory()
 
@@ -26,19 +29,24 @@ if not getattr(_make_record, "imgproxy", False):
     _record_with_request_id.imgproxy = True
     logging.setLogRecordFactory(_record_with_request_id)
 
+_second = (0, "")
+
+
+def timestamp(now: float) -> str:
+    """UTC ISO 8601 with milliseconds; the part down to the second is formatted once a second."""
+    global _second
+    whole = int(now)
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+        line = {"time": timestamp(record.created), "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
         request_id = getattr(record, "request_id", None)
         if request_id:
             line["request_id"] = request_id
-        line.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
@@ -50,11 +58,38 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        fields = getattr(record, "fields", None)
-        if fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
         request_id = getattr(record, "request_id", None)
         return f"{text} request_id={request_id}" if request_id else text
+
+
+class AccessLog:
+    def __init__(self) -> None:
+        self.stream = sys.stdout
+        self.enabled = True
+        self.json = True
+        self._flush_pending = False
+
+    def write(self, message: str, request_id: str | None, fields: dict) -> None:
+        if not self.enabled:
+            return
+        if self.json:
+            line = json.dumps({"time": timestamp(time.time()), "level": "info", "logger": "imgproxy.access", "message": message, "request_id": request_id, **fields})
+        else:
+            line = f"{timestamp(time.time())} INFO imgproxy.access: {message} request_id={request_id} " + " ".join(f"{k}={v}" for k, v in fields.items())
+        self.stream.write(line + "\n")
+        if not self._flush_pending:
+            try:
+                asyncio.get_running_loop().call_soon(self._flush)
+                self._flush_pending = True
+            except RuntimeError:
+                self.stream.flush()
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        self.stream.flush()
+
+
+access_log = AccessLog()
 
 
 def setup(level: str = "info", fmt: str = "json") -> None:
@@ -63,5 +98,6 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiohttp's own access log would duplicate ours.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    access_log.stream = sys.stdout
+    access_log.enabled = logging.INFO >= root.level
+    access_log.json = fmt == "json"

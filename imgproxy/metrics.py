@@ -79,22 +79,33 @@ class Metrics:
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
         self.config_loaded.set_to_current_time()
+        self._children: dict = {}
+
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, remembered: label values are bounded, and `labels()` takes a
+        lock and checks its arguments every time."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def observe_request(self, ctx, status: int, seconds: float) -> None:
         model = ctx.route.model.name if ctx.route else UNKNOWN
         provider = ctx.route.provider.name if ctx.route else UNKNOWN
         key = ctx.identity.name if ctx.identity else UNKNOWN
         outcome = ctx.outcome
-        self.requests.labels(model, provider, key, str(status)).inc()
-        self.request_duration.labels(model, provider).observe(seconds)
-        self.sent_bytes.labels(model).inc(outcome.bytes_sent)
+        child = self.child
+        child(self.requests, model, provider, key, str(status)).inc()
+        child(self.request_duration, model, provider).observe(seconds)
+        child(self.sent_bytes, model).inc(outcome.bytes_sent)
         if outcome.upstream_seconds is not None:
-            self.upstream_duration.labels(model, provider).observe(outcome.upstream_seconds)
+            child(self.upstream_duration, model, provider).observe(outcome.upstream_seconds)
         if outcome.images and ctx.request is not None:
-            self.images.labels(model, ctx.request.size, ctx.request.quality or "").inc(outcome.images)
+            child(self.images, model, ctx.request.size, ctx.request.quality or "").inc(outcome.images)
         if outcome.cost_usd:
-            self.cost.labels(key, model, provider).inc(outcome.cost_usd)
+            child(self.cost, key, model, provider).inc(outcome.cost_usd)
         if outcome.upstream_error_kind:
-            self.upstream_errors.labels(provider, outcome.upstream_error_kind).inc()
+            child(self.upstream_errors, provider, outcome.upstream_error_kind).inc()
         elif outcome.error_code in REFUSAL_REASONS:
-            self.refusals.labels(key, REFUSAL_REASONS[outcome.error_code]).inc()
+            child(self.refusals, key, REFUSAL_REASONS[outcome.error_code]).inc()

@@ -109,8 +109,11 @@ def _compile_property(spec: dict):
     tests = []
     if "type" in spec:
         kinds = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
-        type_checks = [_TYPE_CHECKS[kind] for kind in kinds]
-        tests.append(lambda v: any(check(v) for check in type_checks))
+        type_checks = tuple(_TYPE_CHECKS[kind] for kind in kinds)
+        if len(type_checks) == 1:
+            tests.append(type_checks[0])
+        else:
+            tests.append(lambda v: type_checks[0](v) or type_checks[1](v) or any(check(v) for check in type_checks[2:]))
     if "enum" in spec:
         # JSON equality: true is not 1, and 1 is 1.0.
         allowed = {(type(e) is bool, e) for e in spec["enum"]}
@@ -126,4 +129,12 @@ def _compile_property(spec: dict):
     if "pattern" in spec:
         pattern = re.compile(spec["pattern"])
         tests.append(lambda v: type(v) is not str or pattern.search(v) is not None)
-    return lambda v: all(test(v) for test in tests)
+    tests = tuple(tests)
+
+    def check(value) -> bool:
+        for test in tests:
+            if not test(value):
+                return False
+        return True
+
+    return check

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
-import uuid
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,7 +32,7 @@ QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
 
 def create_app(served: Gateway | Runtime) -> web.Application:
     runtime = served if isinstance(served, Runtime) else Runtime(served)
-    app = web.Application(middlewares=[request_id, observe, error_envelope])
+    app = web.Application(middlewares=[serve_request])
     app[RUNTIME] = runtime
     app.on_response_prepare.append(_add_headers)
     app.cleanup_ctx.append(_lifecycle)
@@ -78,13 +78,27 @@ def _metrics_site(host: str, port: int):
 
 
 @web.middleware
-async def request_id(request: web.Request, handler):
+async def serve_request(request: web.Request, handler):
+    """Around every request: its id, every error rendered as an OpenAI envelope, then one
+    access-log line and the request metrics. (One middleware: each layer costs a coroutine.)"""
     given = request.headers.get("x-request-id", "")
-    request[REQUEST_ID] = given if _CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
-    token = request_id_var.set(request[REQUEST_ID])
+    request_id = request[REQUEST_ID] = given if _CLIENT_REQUEST_ID.match(given) else os.urandom(16).hex()
+    token = request_id_var.set(request_id)
+    started, status = time.monotonic(), 500
     try:
-        return await handler(request)
+        response = await render_errors(request, handler)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
     finally:
+        if request.path not in QUIET_PATHS:
+            seconds = time.monotonic() - started
+            ctx = request.get(CONTEXT)
+            if ctx is not None:
+                ctx.gateway.metrics.observe_request(ctx, status, seconds)
+            access_log.write(f"{request.method} {request.path} {status}", request_id, access_fields(request, ctx, status, seconds))
         request_id_var.reset(token)
 
 
@@ -93,27 +107,6 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
         response.headers["x-request-id"] = request[REQUEST_ID]
     if CONTEXT in request:
         response.headers.update(request[CONTEXT].response_headers)
-
-
-@web.middleware
-async def observe(request: web.Request, handler):
-    """One access-log line per request, and the request metrics of generation requests."""
-    if request.path in QUIET_PATHS:
-        return await handler(request)
-    started, status = time.monotonic(), 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except asyncio.CancelledError:
-        status = 499  # the client went away
-        raise
-    finally:
-        seconds = time.monotonic() - started
-        ctx = request.get(CONTEXT)
-        if ctx is not None:
-            ctx.gateway.metrics.observe_request(ctx, status, seconds)
-        access_log.info("%s %s %s", request.method, request.path, status, extra={"fields": access_fields(request, ctx, status, seconds)})
 
 
 def access_fields(request: web.Request, ctx: RequestContext | None, status: int, seconds: float) -> dict:
@@ -142,8 +135,7 @@ def access_fields(request: web.Request, ctx: RequestContext | None, status: int,
     return fields
 
 
-@web.middleware
-async def error_envelope(request: web.Request, handler):
+async def render_errors(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as error:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RateLimit:
     """`limit` units per `period` seconds under `key`; this request takes `cost` units."""
 
@@ -22,7 +22,7 @@ class RateLimit:
     cost: int = 1
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RateDecision:
     allowed: bool
     limit: int
@@ -31,7 +31,7 @@ class RateDecision:
     retry_after: float  # seconds until this request would be allowed (0 when allowed)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reservation:
     """Add `amount` to `key` unless that takes it above `limit` (None: no limit)."""
 
@@ -105,7 +105,10 @@ class MemoryState:
             if item.limit is not None and self._get(item.key, now) + item.amount > item.limit + 1e-9:
                 return index
         for item in reservations:
-            await self.add(item.key, item.amount, item.ttl)
+            entry = self._data.get(item.key)
+            if entry is None or entry[1] <= now:
+                entry = (0.0, now + item.ttl)
+            self._put(item.key, entry[0] + item.amount, entry[1])
         return None
 
     async def add(self, key: str, amount: float, ttl: float) -> float:

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 
@@ -89,9 +89,17 @@ TOKEN_ESTIMATE_CHARS = 2  # worst case for the prompt's tokens: one token per tw
 class Price:
     per_image: dict  # {quality: {size: usd}}
     per_token: dict | None  # USD per million tokens
+    _known: dict = field(default_factory=dict, compare=False)
 
     def image(self, quality: str | None, size: str | None) -> float:
         """The price of one image; for `auto` (or an unlisted) quality or size, the highest it could be."""
+        key = (quality, size)
+        price = self._known.get(key)
+        if price is None:
+            price = self._known[key] = self._image(quality, size)
+        return price
+
+    def _image(self, quality: str | None, size: str | None) -> float:
         tables = [_exact(self.per_image, quality)] if _exact(self.per_image, quality) else list(self.per_image.values())
         prices = []
         for table in tables:
@@ -160,7 +168,8 @@ class CostPlugin:
     @hookimpl
     async def imgproxy_check_request(self, ctx):
         request, price = ctx.request, self.prices[ctx.route.model.name]
-        worst = request.n * price.image(request.quality, request.size)
+        images_cost = request.n * price.image(request.quality, request.size)
+        worst = images_cost
         if price.per_token:
             worst += len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
             if not request.stream:
@@ -182,7 +191,7 @@ class CostPlugin:
             )
         ctx.scratch["cost"] = {"reserved": worst, "keys": [(key, ttl) for _, key, ttl, _ in periods]}
         if not price.per_token:
-            ctx.response_headers["x-imgproxy-cost-usd"] = usd(request.n * price.image(request.quality, request.size))
+            ctx.response_headers["x-imgproxy-cost-usd"] = usd(images_cost)
 
     @hookimpl
     def imgproxy_rewrite_response(self, ctx, result):

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import io
+import json
 import logging
 
 import openai
 import pytest
 
-from imgproxy.logs import JsonFormatter
+from imgproxy.logs import JsonFormatter, access_log
 
 from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
@@ -59,7 +61,30 @@ class _Collect(logging.Handler):
         self.lines.append(self.format(record))
 
 
+class _Lines(io.StringIO):
+    """A stream that keeps each line written to it."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def write(self, text: str) -> int:
+        self.lines.extend(text.splitlines())
+        return len(text)
+
+
 _SESSION_LOG: list[str] = []
+
+
+@pytest.fixture
+def access_lines():
+    """The access-log lines the test produces, parsed."""
+    lines: list[str] = []
+    stream = access_log.stream
+    access_log.stream = _Lines(lines)
+    yield lambda: [json.loads(line) for line in lines]
+    access_log.stream = stream
+    _SESSION_LOG.extend(lines)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,7 +96,10 @@ def all_log_output():
     root.addHandler(handler)
     previous = root.level
     root.setLevel(logging.DEBUG)
+    stream = access_log.stream
+    access_log.stream = _Lines(_SESSION_LOG)
     yield _SESSION_LOG
+    access_log.stream = stream
     root.removeHandler(handler)
     root.setLevel(previous)
     text = "\n".join(_SESSION_LOG)

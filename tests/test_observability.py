@@ -98,18 +98,18 @@ async def test_separate_metrics_port(make_client, unused_tcp_port):
     assert (await client.session.get(f"http://127.0.0.1:{port}/v1/images/generations")).status == 404
 
 
-async def test_access_log_line(client, caplog):
-    with caplog.at_level(logging.INFO, logger="imgproxy.access"):
-        resp = await client.post(
-            URL,
-            json={"model": "dall-e-2", "prompt": "a secret prompt", "n": 2, "size": "256x256", "user": "alice"},
-            headers={**AUTH, "x-request-id": "req-7", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
-        )
-        await images_body(resp)
-        await client.get("/healthz")
-    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "imgproxy.access"]
+async def test_access_log_line(client, access_lines):
+    resp = await client.post(
+        URL,
+        json={"model": "dall-e-2", "prompt": "a secret prompt", "n": 2, "size": "256x256", "user": "alice"},
+        headers={**AUTH, "x-request-id": "req-7", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+    )
+    await images_body(resp)
+    await client.get("/healthz")
+    lines = access_lines()
     assert len(lines) == 1  # probes are not logged
     line = lines[0]
+    assert line["logger"] == "imgproxy.access" and line["time"].endswith("Z") and line["message"] == "POST /v1/images/generations 200"
     assert line["request_id"] == "req-7" and line["status"] == 200 and line["key"] == "team-a"
     assert (line["model"], line["provider"], line["n"], line["images"]) == ("dall-e-2", "openai", 2, 2)
     assert line["cost_usd"] == pytest.approx(0.032) and line["bytes"] > 0 and line["upstream_seconds"] > 0 and line["duration_seconds"] > 0
@@ -117,11 +117,11 @@ async def test_access_log_line(client, caplog):
     assert "prompt" not in line and "alice" not in json.dumps(line)
 
 
-async def test_every_log_line_carries_the_request_id(make_client, config_text, caplog):
+async def test_every_log_line_carries_the_request_id(make_client, config_text, caplog, access_lines):
     client = await make_client(config_text(extra="moderation: {categories: {w: {words: [bazooka], action: {auto: flag}}}}"))
     with caplog.at_level(logging.INFO):
         await images_body(await client.post(URL, json={"model": "placeholder", "prompt": "a bazooka"}, headers={**AUTH, "x-request-id": "req-9"}))
-    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name.startswith("imgproxy")]
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name.startswith("imgproxy")] + access_lines()
     assert {line["logger"] for line in lines} >= {"imgproxy.moderation", "imgproxy.access"}
     assert all(line.get("request_id") == "req-9" for line in lines)
 
