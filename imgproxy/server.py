@@ -28,11 +28,13 @@ CONTEXT = web.RequestKey("context", RequestContext)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 # Probes and scrapes: no access log line, no request metrics.
 QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
+MAX_BODY_CEILING = 1024**3
 
 
 def create_app(served: Gateway | Runtime) -> web.Application:
     runtime = served if isinstance(served, Runtime) else Runtime(served)
-    app = web.Application(middlewares=[serve_request])
+    # Bodies are limited per config in read_json_body; this is only aiohttp's outer bound.
+    app = web.Application(middlewares=[serve_request], client_max_size=MAX_BODY_CEILING)
     app[RUNTIME] = runtime
     app.on_response_prepare.append(_add_headers)
     app.cleanup_ctx.append(_lifecycle)

@@ -26,13 +26,16 @@ async def read_json_body(http: web.Request, max_bytes: int) -> dict:
             code="unsupported_media_type",
         )
     too_large = GatewayError(413, f"The request body is larger than the {max_bytes} bytes this gateway accepts.", code="request_too_large")
-    if http.content_length is not None and http.content_length > max_bytes:
-        raise too_large
-    raw = bytearray()
-    async for chunk in http.content.iter_any():
-        raw += chunk
-        if len(raw) > max_bytes:
+    if http.content_length is not None:
+        if http.content_length > max_bytes:
             raise too_large
+        raw = await http.read()  # the app's own limit (MAX_BODY_CEILING) is far above any config
+    else:  # a chunked upload: count as it arrives
+        raw = bytearray()
+        async for chunk in http.content.iter_any():
+            raw += chunk
+            if len(raw) > max_bytes:
+                raise too_large
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -117,3 +117,17 @@ async def test_request_id_kept_or_generated(client):
     assert resp.headers["x-request-id"] == "abc-123"
     resp = await client.post(URL, json={}, headers={**AUTH, "x-request-id": "bad id\twith spaces"})
     assert resp.status == 400 and len(resp.headers["x-request-id"]) == 32
+
+
+async def test_oversized_chunked_body_is_413(make_client, fake_openai):
+    client = await make_client(extra="server: {max_body_bytes: 2048}")
+
+    async def chunks():
+        yield b'{"model": "dall-e-3", "prompt": "'
+        for _ in range(10):
+            yield b"x" * 500
+        yield b'"}'
+
+    resp = await client.post(URL, data=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    await assert_error(resp, 413, "request_too_large")
+    assert fake_openai.requests == []
