@@ -86,7 +86,8 @@ def serve_command(args) -> int:
     )
     # The drain timeout bounds how long in-flight requests may finish after SIGTERM.
     web.run_app(
-        create_app(runtime), host=host, port=port, shutdown_timeout=server.drain_timeout, print=None, access_log=None, loop=loop
+        create_app(runtime), host=host, port=port, shutdown_timeout=server.drain_timeout, backlog=server.backlog,
+        print=None, access_log=None, loop=loop,
     )
     return 0
 

@@ -157,29 +157,27 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str = "a
 class StreamTap:
     """Watches bytes that are streamed through, so usage can be recorded without holding them.
 
-    Counts images by their `"b64_json"` keys and keeps the last `usage` object seen.
+    Counts images (`"b64_json"` keys, or completed events of a stream) and keeps the last
+    `usage` object seen. Never copies a whole chunk: only its edges are kept.
     """
 
-    KEY = b'"b64_json"'
     USAGE = b'"usage"'
+    TAIL = 4096
 
     def __init__(self, sse: bool) -> None:
         self.sse = sse
+        self.marker = b'"image_generation.completed"' if sse else b'"b64_json"'
         self.images = 0
         self.usage: dict | None = None
-        self._carry = b""
+        self._edge = b""  # the last len(marker) - 1 bytes: a marker may straddle two chunks
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
-        data = self._carry + chunk
-        if self.sse:
-            self.images += data.count(b'"image_generation.completed"')
-        else:
-            self.images += data.count(self.KEY)
-        keep = max(len(self.KEY), len(b'"image_generation.completed"')) - 1
-        self._carry = data[-keep:]
-        # Usage sits at the end of a JSON body and in the final event: keep a short tail.
-        self._tail = (self._tail + chunk)[-4096:]
+        keep = len(self.marker) - 1
+        self.images += (self._edge + chunk[:keep]).count(self.marker) + chunk.count(self.marker)
+        self._edge = (self._edge + chunk[-keep:])[-keep:]
+        # Usage sits at the end of a JSON body and in the final event.
+        self._tail = (self._tail + chunk[-self.TAIL :])[-self.TAIL :]
 
     def finish(self) -> None:
         at = self._tail.rfind(self.USAGE)
