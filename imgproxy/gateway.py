@@ -26,6 +26,8 @@ class Shared:
 
     def __init__(self) -> None:
         self.metrics = Metrics()
+        self.in_flight = 0
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.state: State = MemoryState()
         # Without a configured key, URLs are valid for this process only (said in the docs).
         self.signing_key = secrets.token_bytes(32)
@@ -76,17 +78,18 @@ class Gateway:
         await gateway.hooks.each("imgproxy_configure", gateway=gateway)
         return gateway
 
-    @contextlib.contextmanager
-    def serving(self):
-        """Count a request in flight on this gateway, so a reload closes it only after."""
+    # Requests in flight on this gateway: a reload closes it only after them, and the
+    # in-flight gauge reads them at scrape time (no lock taken per request).
+    def request_started(self) -> None:
         self.in_flight += 1
+        self.shared.in_flight += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        self.shared.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
 
     async def drained(self) -> None:
         await self._idle.wait()

@@ -157,12 +157,11 @@ async def post_generations(request: web.Request) -> web.StreamResponse:
     gateway = request.app[RUNTIME].gateway
     ctx = RequestContext(gateway=gateway, http=request, request_id=request[REQUEST_ID])
     request[CONTEXT] = ctx
-    gateway.metrics.in_flight.inc()
+    gateway.request_started()
     try:
-        with gateway.serving():
-            return await generate_images(ctx)
+        return await generate_images(ctx)
     finally:
-        gateway.metrics.in_flight.dec()
+        gateway.request_finished()
 
 
 async def get_image_file(request: web.Request) -> web.StreamResponse:

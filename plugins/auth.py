@@ -81,6 +81,7 @@ class AuthPlugin:
     def __init__(self) -> None:
         self.keys: tuple[ClientKey, ...] = ()
         self.generated: str | None = None
+        self._allowed: dict[tuple[str, str], bool] = {}
 
     @hookimpl
     def imgproxy_key_schema(self):
@@ -149,9 +150,14 @@ class AuthPlugin:
         patterns = ctx.identity.settings.get("models")
         if patterns is None:
             return
-        model = ctx.route.model
-        names = (model.name, *model.aliases, f"{model.provider}/{model.name}", ctx.body.get("model") or "")
-        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names):
+        allowed = self._allowed.get((ctx.identity.name, ctx.route.model.name))
+        if allowed is None:
+            # Decided once per (key, model): the answer depends on nothing else.
+            model = ctx.route.model
+            names = (model.name, *model.aliases, f"{model.provider}/{model.name}", f"{model.provider}/{model.upstream_model}")
+            allowed = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names)
+            self._allowed[(ctx.identity.name, model.name)] = allowed
+        if not allowed:
             raise GatewayError(
                 403,
                 f"The API key '{ctx.identity.name}' may not use the model '{model.name}'.",
