@@ -33,7 +33,7 @@ class ServerConfig:
     max_body_bytes: int = 1024 * 1024
     drain_timeout: float = 25.0
     reload_interval: float = 10.0
-    backlog: int = 2048
+    backlog: int = 128
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ from tests.conftest import AUTH, download, images_body
 from tests.fakes import FAKE_PNG, png_size
 
 
+URL_GENERATIONS = "/v1/images/generations"
+
+
 async def post(client, body):
     return await client.post("/v1/images/generations", json=body, headers=AUTH)
 
@@ -69,3 +72,15 @@ async def test_provider_prefixed_stability(client, fake_stability):
     assert fake_stability.engines == ["stable-diffusion-xl-1024-v1-0"]
     image = await download(client, body["data"][0]["url"])
     assert png_size(await image.read()) == (2, 2)
+
+
+async def test_user_is_forwarded_and_gpt_image_parameters_pass_through(client, fake_openai):
+    body = {
+        "model": "gpt-image-1", "prompt": "a logo", "user": "user-1234", "background": "transparent",
+        "output_format": "webp", "output_compression": 80, "quality": "high", "size": "1536x1024", "moderation": "auto",
+    }
+    result = await images_body(await client.post(URL_GENERATIONS, json=body, headers=AUTH))
+    sent = fake_openai.requests[-1]
+    assert {k: sent[k] for k in body} == {**body, "model": "gpt-image-1"}
+    assert "response_format" not in sent
+    assert result["output_format"] == "webp" and result["usage"]["total_tokens"] == 100
