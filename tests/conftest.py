@@ -107,22 +107,24 @@ def all_log_output():
     assert not leaked, f"keys appeared in log output: {leaked}"
 
 
-@pytest.fixture
-async def fake_openai(aiohttp_server):
-    fake = FakeOpenAI()
+async def serve_fake(aiohttp_server, fake: FakeUpstream):
+    """Start a fake upstream; afterwards, everything imgproxy sent it must have matched its spec."""
     server = await aiohttp_server(fake.app())
     fake.base_url = str(server.make_url("")).rstrip("/")
     yield fake
-    assert fake.invalid == [], f"imgproxy sent OpenAI a request outside the spec: {fake.invalid}"
+    assert fake.invalid == [], f"imgproxy sent {type(fake).__name__} a request outside the spec: {fake.invalid}"
+
+
+@pytest.fixture
+async def fake_openai(aiohttp_server):
+    async for fake in serve_fake(aiohttp_server, FakeOpenAI()):
+        yield fake
 
 
 @pytest.fixture
 async def fake_stability(aiohttp_server):
-    fake = FakeStability()
-    server = await aiohttp_server(fake.app())
-    fake.base_url = str(server.make_url("")).rstrip("/")
-    yield fake
-    assert fake.invalid == [], f"imgproxy sent Stability a request outside the spec: {fake.invalid}"
+    async for fake in serve_fake(aiohttp_server, FakeStability()):
+        yield fake
 
 
 @pytest.fixture
