@@ -54,6 +54,7 @@ class Upstream:
         if traceparent:
             headers["traceparent"] = traceparent
         client_timeout = aiohttp.ClientTimeout(total=timeout, connect=provider.connect_timeout)
+        ctx.outcome.upstream_called = True
         try:
             return await self.session.request(method, url, headers=headers, timeout=client_timeout, **kwargs)
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:

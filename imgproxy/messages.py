@@ -110,6 +110,8 @@ class Outcome:
     cost_usd: float = 0.0
     # How the provider call failed, if it did (imgproxy.metrics.UPSTREAM_ERROR_KINDS).
     upstream_error_kind: str | None = None
+    # Whether a request went to the provider at all (not, for example, without a provider key).
+    upstream_called: bool = False
 
 
 @dataclass

@@ -71,8 +71,9 @@ async def call_provider(ctx: RequestContext) -> web.StreamResponse:
     try:
         return await _call_provider(ctx, provider, started)
     except GatewayError as error:
-        ctx.outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(error.code)
-        ctx.outcome.upstream_seconds = time.monotonic() - started
+        if ctx.outcome.upstream_called:
+            ctx.outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(error.code)
+            ctx.outcome.upstream_seconds = time.monotonic() - started
         raise
 
 

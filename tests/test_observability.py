@@ -65,6 +65,15 @@ async def test_metrics_after_traffic(client, fake_openai):
     assert not any("made-up-model-123" in str(labels) for _, labels in samples)
 
 
+async def test_a_provider_without_a_key_is_no_upstream_call(make_client, config_text):
+    client = await make_client(config_text().replace(f"api_key: {FakeUpstream.key}", "api_key: ''", 1))
+    await assert_error(await client.post(URL, json={"model": "dall-e-3", "prompt": "x"}, headers=AUTH), 503, "provider_not_configured")
+    samples = await scrape(client)
+    assert value(samples, "imgproxy_requests_total", model="dall-e-3", provider="openai", key="team-a", status="503") == 1
+    assert value(samples, "imgproxy_upstream_duration_seconds_count", model="dall-e-3", provider="openai") == 0
+    assert not any(name == "imgproxy_upstream_errors_total" and value for (name, _), value in samples.items())
+
+
 async def test_refusals_by_reason(make_client, config_text):
     text = config_text().replace(f"key: {CLIENT_KEY}", f"key: {CLIENT_KEY}\n      rate_limit: {{requests_per_minute: 1}}\n      models: [placeholder]")
     client = await make_client(text)
