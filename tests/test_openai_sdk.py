@@ -5,7 +5,7 @@ import base64
 import openai
 import pytest
 
-from tests.conftest import CLIENT_KEY, download
+from tests.conftest import download
 from tests.fakes import FAKE_PNG, png_size
 
 

@@ -3,7 +3,6 @@
 import base64
 import subprocess
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
