@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import hashlib
 import logging
 import os
@@ -85,23 +84,12 @@ def serve_command(args) -> int:
     logging.getLogger("imgproxy").info(
         "imgproxy %s serving %d models on http://%s:%s", __version__, len(config.models), host, port
     )
-    tune_garbage_collector()
     # The drain timeout bounds how long in-flight requests may finish after SIGTERM.
     web.run_app(
         create_app(runtime), host=host, port=port, shutdown_timeout=server.drain_timeout, backlog=server.backlog,
         print=None, access_log=None, loop=loop,
     )
     return 0
-
-
-def tune_garbage_collector() -> None:
-    """Objects made at start-up (modules, schemas, config) live as long as the process: keep
-    them out of every collection. And collect the young generation every 20,000 allocations
-    rather than 700: at the default a busy gateway collects every few requests (measured: ~15 %
-    more small requests per second; docs/performance.md)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
 
 
 def check_config_command(path: str) -> int:

@@ -221,10 +221,16 @@ async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamT
             error = GatewayError(502, "The provider broke off the stream.", type="server_error", code="upstream_bad_response")
             event = {"type": "error", **error.envelope()}
             await out.write(f"event: error\ndata: {json.dumps(event)}\n\n".encode())
-        else:
+        elif ctx.http.transport is not None:
             # The length promised cannot be met: drop the connection so the client sees truncation.
-            ctx.http.transport and ctx.http.transport.close()
+            ctx.http.transport.close()
             return out
+    except ConnectionResetError:
+        # The client went away mid-answer; what was generated is still accounted for.
+        log.info("client closed the connection during a streamed answer (request %s)", ctx.request_id)
+        ctx.outcome.error_code = "client_closed_request"
+        tap.finish()
+        return out
     tap.finish()
     await out.write_eof()
     return out

@@ -3,6 +3,7 @@
 import asyncio
 import json
 
+from imgproxy.hookspecs import hookimpl
 from tests.conftest import AUTH, assert_error
 from tests.fakes import openai_validator
 
@@ -60,3 +61,25 @@ async def test_stream_cut_midway_ends_with_an_error_event(client, fake_openai):
     assert "event: error" in text
     error = json.loads(text.split("event: error\ndata: ", 1)[1])
     assert error["error"]["code"] == "upstream_bad_response"
+
+
+async def test_client_going_away_mid_stream_is_accounted_not_an_error(make_client, fake_openai, caplog):
+    outcomes = []
+
+    class Recorder:
+        @hookimpl
+        def imgproxy_record_usage(self, ctx, outcome):
+            outcomes.append(outcome)
+
+    client = await make_client(plugins=[Recorder()])
+    fake_openai.hold = asyncio.Event()
+    resp = await client.post(URL, json={"model": "gpt-image-1", "prompt": "x", "stream": True, "partial_images": 2}, headers=AUTH)
+    await asyncio.wait_for(read_event(resp), timeout=3)
+    resp.connection.transport.close()  # the client hangs up after the first event
+    fake_openai.hold.set()
+    for _ in range(50):
+        if outcomes:
+            break
+        await asyncio.sleep(0.05)
+    assert outcomes and outcomes[0].error_code == "client_closed_request"
+    assert "unhandled error" not in caplog.text
