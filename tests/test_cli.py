@@ -147,3 +147,40 @@ def test_hash_key_makes_a_key_the_config_accepts():
     assert hashlib.sha256(key.encode()).hexdigest() == digest
     again = subprocess.run([*IMGPROXY, "hash-key", "--stdin"], input=key + "\n", capture_output=True, text=True, timeout=30)
     assert again.stdout.strip() == f"sha256: {digest}"
+
+
+def test_sigterm_lets_in_flight_requests_finish(serve, tmp_path):
+    """Kubernetes sends SIGTERM after the preStop pause: a request already being served must
+    still get its answer, and new connections must be refused."""
+    import threading
+
+    upstream_port = free_port()
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "tests.benchmarks.mock_upstream", "--port", str(upstream_port), "--format", "b64_json", "--image-bytes", "1000", "--delay", "1.5"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", upstream_port), timeout=0.2).close()
+                break
+            except OSError:
+                assert mock.poll() is None and time.monotonic() < deadline, "the slow upstream did not start"
+                time.sleep(0.05)
+        proc, port = serve(
+            IMGPROXY_API_KEYS="sk-drain-test-key-000", OPENAI_API_KEY="sk-upstream", OPENAI_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1"
+        )
+        answers = []
+        request = threading.Thread(target=lambda: answers.append(post(port, {"model": "dall-e-2", "prompt": "x", "response_format": "b64_json"}, "sk-drain-test-key-000")))
+        request.start()
+        time.sleep(0.5)  # the request is now waiting on the slow upstream
+        proc.terminate()
+        request.join(timeout=20)
+        assert answers and answers[0][0] == 200, answers
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    finally:
+        mock.terminate()
+        mock.wait(timeout=10)
