@@ -104,8 +104,6 @@ class Config:
     logging: LoggingConfig
     default_model: str | None
     user_hash_key: bytes
-    enable_plugins: tuple[str, ...]
-    disable_plugins: tuple[str, ...]
     # Every top-level section as written (after substitution), for plugins to read their own.
     sections: dict
 
@@ -219,7 +217,6 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         signing_key=key.encode(),
         **{k: v.rstrip("/") if k == "public_base_url" else v for k, v in images_raw.items()},
     )
-    plugins = raw.get("plugins", {})
     return Config(
         source=source,
         server=server,
@@ -230,8 +227,6 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         logging=LoggingConfig(**raw.get("logging", {})),
         default_model=default_model,
         user_hash_key=raw.get("privacy", {}).get("user_hash_key", "").encode(),
-        enable_plugins=tuple(plugins.get("enable", ())),
-        disable_plugins=tuple(plugins.get("disable", ())),
         sections=raw,
     )
 
