@@ -80,7 +80,7 @@ def serve_command(args) -> int:
     server = config.server
     host = args.host or server.host
     port = args.port if args.port is not None else server.port
-    runtime = Runtime(gateway, args.config, server.reload_interval)
+    runtime = Runtime(gateway, args.config, server.reload_interval, freeze_heap=True)
     logging.getLogger("imgproxy").info(
         "imgproxy %s serving %d models on http://%s:%s", __version__, len(config.models), host, port
     )

@@ -208,6 +208,7 @@ async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamT
         out.content_length = upstream.content_length
     if tap.sse:
         out.headers["Cache-Control"] = "no-cache"
+    ctx.stamp(out)
     await out.prepare(ctx.http)
     try:
         if reply.first_chunk:

@@ -132,6 +132,11 @@ class RequestContext:
     # Headers added to whatever response the client gets, success or error.
     response_headers: dict[str, str] = field(default_factory=dict)
 
+    def stamp(self, response: "web.StreamResponse") -> None:
+        """Add the request id and the plugins' headers to a response before it is sent."""
+        response.headers["x-request-id"] = self.request_id
+        response.headers.update(self.response_headers)
+
     @cached_property
     def user_hash(self) -> str | None:
         """The request's `user`, hashed: the only form of it that may be logged or stored."""

@@ -36,7 +36,6 @@ def create_app(served: Gateway | Runtime) -> web.Application:
     # Bodies are limited per config in read_json_body; this is only aiohttp's outer bound.
     app = web.Application(middlewares=[serve_request], client_max_size=MAX_BODY_CEILING)
     app[RUNTIME] = runtime
-    app.on_response_prepare.append(_add_headers)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/images/generations", post_generations)
     app.router.add_get("/v1/images/files/{name}", get_image_file)
@@ -90,25 +89,26 @@ async def serve_request(request: web.Request, handler):
     try:
         response = await render_errors(request, handler)
         status = response.status
+        ctx = request.get(CONTEXT)
+        if not response.prepared:  # a streamed answer was stamped before its first byte
+            if ctx is not None:
+                ctx.stamp(response)
+            else:
+                response.headers["x-request-id"] = request_id
         return response
     except asyncio.CancelledError:
         status = 499  # the client went away
         raise
     finally:
+        # The context refers to the request: dropping it here spares the garbage collector a
+        # reference cycle per request.
+        ctx = request.pop(CONTEXT, None)
         if request.path not in QUIET_PATHS:
             seconds = time.monotonic() - started
-            ctx = request.get(CONTEXT)
             if ctx is not None:
                 ctx.gateway.metrics.observe_request(ctx, status, seconds)
             access_log.write(f"{request.method} {request.path} {status}", request_id, access_fields(request, ctx, status, seconds))
         request_id_var.reset(token)
-
-
-async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
-    if REQUEST_ID in request:
-        response.headers["x-request-id"] = request[REQUEST_ID]
-    if CONTEXT in request:
-        response.headers.update(request[CONTEXT].response_headers)
 
 
 def access_fields(request: web.Request, ctx: RequestContext | None, status: int, seconds: float) -> dict:
