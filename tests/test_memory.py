@@ -11,7 +11,7 @@ from aiohttp import web
 from imgproxy.gateway import Gateway
 from imgproxy.messages import RequestContext
 from imgproxy.runtime import Runtime
-from imgproxy.server import RUNTIME, create_app
+from imgproxy.server import RUNTIME
 from tests.conftest import AUTH
 
 URL = "/v1/images/generations"
