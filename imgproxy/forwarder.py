@@ -26,6 +26,7 @@ class Upstream:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple, aiohttp.ClientTimeout] = {}  # a few per config: built once
 
     async def start(self) -> None:
         # No per-host cap: concurrency is bounded by the clients, and a slow image model
@@ -53,7 +54,9 @@ class Upstream:
         traceparent = ctx.http.headers.get("traceparent")
         if traceparent:
             headers["traceparent"] = traceparent
-        client_timeout = aiohttp.ClientTimeout(total=timeout, connect=provider.connect_timeout)
+        client_timeout = self._timeouts.get((timeout, provider.connect_timeout))
+        if client_timeout is None:
+            client_timeout = self._timeouts[timeout, provider.connect_timeout] = aiohttp.ClientTimeout(total=timeout, connect=provider.connect_timeout)
         ctx.outcome.upstream_called = True
         try:
             return await self.session.request(method, url, headers=headers, timeout=client_timeout, **kwargs)
@@ -203,6 +206,12 @@ async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamT
     before the first byte; a break upstream after that ends the client's response early
     (an `error` event first, for server-sent events)."""
     upstream = reply.response
+    if not tap.sse and upstream.content_length == len(reply.first_chunk):
+        # The whole answer came with the first read (small answers do): send it in one piece.
+        tap.feed(reply.first_chunk)
+        tap.finish()
+        ctx.outcome.bytes_sent = len(reply.first_chunk)
+        return web.Response(body=reply.first_chunk, headers={"Content-Type": reply.content_type})
     out = web.StreamResponse(status=200, headers={"Content-Type": reply.content_type})
     if not tap.sse and upstream.content_length is not None:
         out.content_length = upstream.content_length

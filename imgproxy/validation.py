@@ -25,17 +25,16 @@ async def read_json_body(http: web.Request, max_bytes: int) -> dict:
             f"Expected a JSON body with Content-Type: application/json, got '{http.content_type or 'none'}'.",
             code="unsupported_media_type",
         )
-    too_large = GatewayError(413, f"The request body is larger than the {max_bytes} bytes this gateway accepts.", code="request_too_large")
     if http.content_length is not None:
         if http.content_length > max_bytes:
-            raise too_large
+            raise _too_large(max_bytes)
         raw = await http.read()  # the app's own limit (MAX_BODY_CEILING) is far above any config
     else:  # a chunked upload: count as it arrives
         raw = bytearray()
         async for chunk in http.content.iter_any():
             raw += chunk
             if len(raw) > max_bytes:
-                raise too_large
+                raise _too_large(max_bytes)
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -43,6 +42,10 @@ async def read_json_body(http: web.Request, max_bytes: int) -> dict:
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.", code="invalid_json")
     return body
+
+
+def _too_large(max_bytes: int) -> GatewayError:
+    return GatewayError(413, f"The request body is larger than the {max_bytes} bytes this gateway accepts.", code="request_too_large")
 
 
 def check_schema(body: dict) -> None:

@@ -122,6 +122,7 @@ class FakeOpenAI(FakeUpstream):
     def __init__(self) -> None:
         super().__init__()
         self.validator = openai_validator("CreateImageRequest")
+        self.image_b64 = FAKE_B64  # what b64_json carries; a test may make it large
         self.moderation_requests: list[dict] = []
         self.moderation_cues: list[Cue] = []
 
@@ -190,7 +191,7 @@ class FakeOpenAI(FakeUpstream):
             return await self.stream(request, body, usage)
         data = []
         for i in range(body.get("n") or 1):
-            item = {"b64_json": FAKE_B64} if gpt_image or body.get("response_format") == "b64_json" else {"url": f"{self.base_url}/files/img-{i}.png?se=2026"}
+            item = {"b64_json": self.image_b64} if gpt_image or body.get("response_format") == "b64_json" else {"url": f"{self.base_url}/files/img-{i}.png?se=2026"}
             if model == "dall-e-3":
                 item["revised_prompt"] = "Revised: " + body["prompt"]
             data.append(item)

@@ -1,7 +1,10 @@
-"""stream=true: GPT image server-sent events pass through one by one as they arrive."""
+"""Answers streamed through: GPT image server-sent events (stream=true) one by one as they
+arrive, and large base64 answers read by read."""
 
 import asyncio
+import base64
 import json
+import os
 
 from imgproxy.hookspecs import hookimpl
 from tests.conftest import AUTH, assert_error
@@ -83,3 +86,15 @@ async def test_client_going_away_mid_stream_is_accounted_not_an_error(make_clien
         await asyncio.sleep(0.05)
     assert outcomes and outcomes[0].error_code == "client_closed_request"
     assert "unhandled error" not in caplog.text
+
+
+async def test_large_base64_answer_passes_through_in_pieces(client, fake_openai, access_lines):
+    # 2 x 1.5 MB of base64 arrives in many reads: forwarded as it comes, counted on the way.
+    fake_openai.image_b64 = base64.b64encode(os.urandom(1_100_000)).decode()
+    resp = await client.post(URL, json={"model": "dall-e-2", "prompt": "x", "n": 2, "response_format": "b64_json"}, headers=AUTH)
+    raw = await resp.read()
+    assert resp.status == 200 and resp.content_length == len(raw) > 2_900_000
+    body = json.loads(raw)
+    assert [item["b64_json"] for item in body["data"]] == [fake_openai.image_b64] * 2
+    (line,) = access_lines()
+    assert (line["images"], line["bytes"]) == (2, len(raw))
