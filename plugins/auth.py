@@ -150,10 +150,10 @@ class AuthPlugin:
         patterns = ctx.identity.settings.get("models")
         if patterns is None:
             return
-        allowed = self._allowed.get((ctx.identity.name, ctx.route.model.name))
+        model = ctx.route.model
+        allowed = self._allowed.get((ctx.identity.name, model.name))
         if allowed is None:
             # Decided once per (key, model): the answer depends on nothing else.
-            model = ctx.route.model
             names = (model.name, *model.aliases, f"{model.provider}/{model.name}", f"{model.provider}/{model.upstream_model}")
             allowed = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names)
             self._allowed[(ctx.identity.name, model.name)] = allowed
