@@ -174,9 +174,8 @@ class CostPlugin:
             worst += len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
             if not request.stream:
                 ctx.needs_body = True  # token usage is in the body: read it before answering
-        now = datetime.now(timezone.utc)
         budget = ctx.identity.settings.get("budget", {})
-        periods = spend_periods(ctx.identity.name, now)
+        periods = spend_periods(ctx.identity.name, int(time.time() // 60))
         reservations = [Reservation(key, worst, budget.get(setting), ttl) for setting, key, ttl, _ in periods]
         failed = await ctx.gateway.state.reserve(reservations)
         if failed is not None:
@@ -209,8 +208,9 @@ class CostPlugin:
             cost = scratch.get("actual")
             if cost is None:
                 cost = self.cost(ctx, outcome.images, outcome.usage, ctx.request.quality, ctx.request.size)
-            for key, ttl in scratch["keys"]:
-                await ctx.gateway.state.add(key, cost - scratch["reserved"], ttl=ttl)
+            # Settle the reservation to the real cost on every period at once (no limit applies).
+            settle = cost - scratch["reserved"]
+            await ctx.gateway.state.reserve([Reservation(key, settle, None, ttl) for key, ttl in scratch["keys"]])
         outcome.cost_usd = cost
         if self.usage_log is not None and ctx.request is not None:
             self.write_record(ctx, outcome, cost)
@@ -245,26 +245,20 @@ class CostPlugin:
 BUDGET_NAMES = {"daily_usd": "daily", "monthly_usd": "monthly", "usd_per_minute": "per-minute"}
 
 
-def spend_periods(key_name: str, now: datetime) -> list[tuple[str, str, float, str]]:
-    """(budget setting, state key, ttl, reset time) for the day, the month and the minute."""
-    day, month, minute, resets = _period_names(int(now.timestamp() // 60))
-    return [
-        ("daily_usd", f"spend:{key_name}:day:{day}", 2 * 86400, resets[0]),
-        ("monthly_usd", f"spend:{key_name}:month:{month}", 40 * 86400, resets[1]),
-        ("usd_per_minute", f"spend:{key_name}:minute:{minute}", 120, resets[2]),
-    ]
-
-
-@lru_cache(maxsize=4)
-def _period_names(epoch_minute: int) -> tuple[str, str, str, tuple[str, str, str]]:
-    """Names and reset times of the UTC day, month and minute: formatted once a minute."""
+@lru_cache(maxsize=1024)
+def spend_periods(key_name: str, epoch_minute: int) -> tuple[tuple[str, str, float, str], ...]:
+    """(budget setting, state key, ttl, reset time) for the UTC day, month and minute of
+    `epoch_minute`: made once a minute per key."""
     minute = datetime.fromtimestamp(epoch_minute * 60, timezone.utc)
     day = minute.replace(hour=0, minute=0)
     month = day.replace(day=1)
     next_month = (month + timedelta(days=32)).replace(day=1)
     stamp = "%Y-%m-%dT%H:%M:%SZ"
-    resets = ((day + timedelta(days=1)).strftime(stamp), next_month.strftime(stamp), (minute + timedelta(minutes=1)).strftime(stamp))
-    return f"{day:%Y-%m-%d}", f"{month:%Y-%m}", f"{minute:%Y-%m-%dT%H:%M}", resets
+    return (
+        ("daily_usd", f"spend:{key_name}:day:{day:%Y-%m-%d}", 2 * 86400, (day + timedelta(days=1)).strftime(stamp)),
+        ("monthly_usd", f"spend:{key_name}:month:{month:%Y-%m}", 40 * 86400, next_month.strftime(stamp)),
+        ("usd_per_minute", f"spend:{key_name}:minute:{minute:%Y-%m-%dT%H:%M}", 120, (minute + timedelta(minutes=1)).strftime(stamp)),
+    )
 
 
 def usd(amount: float) -> str:
