@@ -62,6 +62,10 @@ class TextFormatter(logging.Formatter):
         return f"{text} request_id={request_id}" if request_id else text
 
 
+# One encoder for every access line; fresh dicts cannot be circular, so that check is skipped.
+_encode = json.JSONEncoder(check_circular=False).encode
+
+
 class AccessLog:
     def __init__(self) -> None:
         self.stream = sys.stdout
@@ -73,7 +77,7 @@ class AccessLog:
         if not self.enabled:
             return
         if self.json:
-            line = json.dumps({"time": timestamp(time.time()), "level": "info", "logger": "imgproxy.access", "message": message, "request_id": request_id, **fields})
+            line = _encode({"time": timestamp(time.time()), "level": "info", "logger": "imgproxy.access", "message": message, "request_id": request_id, **fields})
         else:
             line = f"{timestamp(time.time())} INFO imgproxy.access: {message} request_id={request_id} " + " ".join(f"{k}={v}" for k, v in fields.items())
         self.stream.write(line + "\n")

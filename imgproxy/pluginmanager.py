@@ -53,11 +53,10 @@ def _instantiate(obj: Any) -> Any:
     return obj() if inspect.isclass(obj) else obj
 
 
-async def await_me_maybe(value: Any) -> Any:
-    """Hooks may be sync or async: await what needs awaiting."""
-    if type(value) is CoroutineType or inspect.isawaitable(value):
-        return await value
-    return value
+def _awaitable(value: Any) -> bool:
+    """Hooks may be sync or async (checked inline by the callers: a wrapper coroutine per hook
+    call would cost more than the check)."""
+    return type(value) is CoroutineType or inspect.isawaitable(value)
 
 
 class Hooks:
@@ -84,13 +83,15 @@ class Hooks:
         """Run every implementation; an exception stops the rest."""
         for function, argnames, _ in self._impls[name]:
             result = function(*[kwargs[arg] for arg in argnames])
-            if result is not None:
-                await await_me_maybe(result)
+            if result is not None and _awaitable(result):
+                await result
 
     async def first(self, name: str, **kwargs) -> Any:
         """The first non-None result; the implementations after it are not called."""
         for function, argnames, _ in self._impls[name]:
-            result = await await_me_maybe(function(*[kwargs[arg] for arg in argnames]))
+            result = function(*[kwargs[arg] for arg in argnames])
+            if result is not None and _awaitable(result):
+                result = await result
             if result is not None:
                 return result
         return None
@@ -100,7 +101,7 @@ class Hooks:
         for function, argnames, plugin in self._impls[name]:
             try:
                 result = function(*[kwargs[arg] for arg in argnames])
-                if result is not None:
-                    await await_me_maybe(result)
+                if result is not None and _awaitable(result):
+                    await result
             except Exception:
                 log.exception("the %s hook of plugin %s failed", name, plugin)
