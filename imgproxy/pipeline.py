@@ -67,33 +67,30 @@ def requested_model(ctx: RequestContext) -> str:
 
 async def call_provider(ctx: RequestContext) -> web.StreamResponse:
     provider = ctx.gateway.providers[ctx.route.provider.name]
+    outcome = ctx.outcome
     started = time.monotonic()
     try:
-        return await _call_provider(ctx, provider, started)
+        reply = await provider.generate(ctx, ctx.request)
+        if isinstance(reply, ImagesResult):
+            outcome.upstream_seconds = time.monotonic() - started
+            outcome.filtered = reply.filtered
+            await ctx.gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
+            return images_response(ctx, reply)
+        tap = StreamTap(sse=reply.content_type == "text/event-stream")
+        try:
+            response = await forward_stream(ctx, reply, tap)
+        finally:
+            reply.response.release()
+        outcome.upstream_seconds = time.monotonic() - started
+        if outcome.error_code:  # broken off after the status was sent
+            outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(outcome.error_code)
+        outcome.images, outcome.usage = tap.images, tap.usage
+        return response
     except GatewayError as error:
-        if ctx.outcome.upstream_called:
-            ctx.outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(error.code)
-            ctx.outcome.upstream_seconds = time.monotonic() - started
+        if outcome.upstream_called:
+            outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(error.code)
+            outcome.upstream_seconds = time.monotonic() - started
         raise
-
-
-async def _call_provider(ctx: RequestContext, provider, started: float) -> web.StreamResponse:
-    reply = await provider.generate(ctx, ctx.request)
-    if isinstance(reply, ImagesResult):
-        ctx.outcome.upstream_seconds = time.monotonic() - started
-        ctx.outcome.filtered = reply.filtered
-        await ctx.gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
-        return images_response(ctx, reply)
-    tap = StreamTap(sse=reply.content_type == "text/event-stream")
-    try:
-        response = await forward_stream(ctx, reply, tap)
-    finally:
-        reply.response.release()
-    ctx.outcome.upstream_seconds = time.monotonic() - started
-    if ctx.outcome.error_code:  # broken off after the status was sent
-        ctx.outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(ctx.outcome.error_code)
-    ctx.outcome.images, ctx.outcome.usage = tap.images, tap.usage
-    return response
 
 
 def images_response(ctx: RequestContext, result: ImagesResult) -> web.Response:

@@ -87,7 +87,10 @@ async def serve_request(request: web.Request, handler):
     token = request_id_var.set(request_id)
     started, status = time.monotonic(), 500
     try:
-        response = await render_errors(request, handler)
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            response = error_response(request, exc)
         status = response.status
         ctx = request.get(CONTEXT)
         if not response.prepared:  # a streamed answer was stamped before its first byte
@@ -137,20 +140,18 @@ def access_fields(request: web.Request, ctx: RequestContext | None, status: int,
     return fields
 
 
-async def render_errors(request: web.Request, handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except GatewayError as error:
-        return error.to_response()
-    except web.HTTPException as exc:
+def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """Every error as an OpenAI envelope (redirects, which aiohttp raises too, pass)."""
+    if isinstance(exc, GatewayError):
+        return exc.to_response()
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status)
         message = f"{request.method} {request.path}: {exc.reason}."
         return GatewayError(exc.status, message, code=code, headers={k: v for k, v in exc.headers.items() if k == "Allow"}).to_response()
-    except Exception:
-        log.exception("unhandled error")
-        return GatewayError(500, "The gateway failed unexpectedly; the error was logged.", type="server_error", code="internal_error").to_response()
+    log.error("unhandled error", exc_info=exc)
+    return GatewayError(500, "The gateway failed unexpectedly; the error was logged.", type="server_error", code="internal_error").to_response()
 
 
 async def post_generations(request: web.Request) -> web.StreamResponse:
