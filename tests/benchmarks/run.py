@@ -89,9 +89,9 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start(cpu: int, args: list[str], port: int, log=subprocess.DEVNULL) -> subprocess.Popen:
+def start(cpu: int, args: list[str], port: int, log=subprocess.DEVNULL, wait: float = 30) -> subprocess.Popen:
     proc = subprocess.Popen(["taskset", "-c", str(cpu), *args], stdout=log, stderr=log, preexec_fn=raise_fd_limit)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
