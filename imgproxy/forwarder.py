@@ -14,6 +14,7 @@ from aiohttp import web
 from . import __version__
 from .config import ProviderConfig
 from .errors import GatewayError, upstream_error
+from .inline_images import InlineImageError, InlineImageReader
 from .messages import RequestContext, StreamedReply
 
 log = logging.getLogger("imgproxy.upstream")
@@ -83,6 +84,26 @@ class Upstream:
                 f"The provider '{provider.name}' returned an answer that is not a JSON object.", code="upstream_bad_response"
             )
         return body
+
+    async def read_inline_images(self, resp: aiohttp.ClientResponse, provider: ProviderConfig) -> tuple[dict, list[bytearray]]:
+        """An images answer read as it arrives, its base64 images decoded on the way (see
+        inline_images): the skeleton of the JSON object and the images, or 502."""
+        reader, size = InlineImageReader(), 0
+        try:
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > MAX_JSON_BYTES:
+                    raise upstream_error(f"The provider's answer is larger than {MAX_JSON_BYTES} bytes.", code="upstream_bad_response")
+                reader.feed(chunk)
+            return reader.finish()
+        except InlineImageError as exc:
+            log.warning("provider %s sent a broken images answer (status %s): %s", provider.name, resp.status, exc)
+            raise upstream_error(
+                f"The provider '{provider.name}' returned an answer that is not a JSON object with valid base64 images.",
+                code="upstream_bad_response",
+            ) from None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise failure(exc, provider, None) from None
 
     async def first_chunk(self, resp: aiohttp.ClientResponse, provider: ProviderConfig) -> bytes:
         try:

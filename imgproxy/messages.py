@@ -45,6 +45,8 @@ class GeneratedImage:
     url: str | None = None
     revised_prompt: str | None = None
     content_type: str = "image/png"
+    # The image itself, when the adapter decoded it while reading (an image to be hosted).
+    data: bytes | bytearray | None = None
 
     def to_json(self) -> dict:
         out = {}

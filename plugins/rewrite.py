@@ -33,16 +33,18 @@ class RewritePlugin:
     def _needs_work(self, ctx: RequestContext, image: GeneratedImage, want: str) -> bool:
         if want == "b64_json":
             return image.b64_json is None
-        return image.b64_json is not None or ctx.gateway.config.images.upstream_urls == "rehost"
+        return image.url is None or ctx.gateway.config.images.upstream_urls == "rehost"
 
     async def _convert(self, ctx: RequestContext, image: GeneratedImage, want: str) -> None:
         images = ctx.gateway.config.images
         if want == "b64_json":
-            if image.b64_json is None:
-                data, image.content_type = await self._fetch(ctx, image.url)
-                image.b64_json, image.url = base64.b64encode(data).decode(), None
+            if image.data is None:
+                image.data, image.content_type = await self._fetch(ctx, image.url)
+            image.b64_json, image.url, image.data = base64.b64encode(image.data).decode(), None, None
             return
-        if image.b64_json is not None:
+        if image.data is not None:  # decoded by the adapter as it arrived
+            image.url, image.data = await self._host(ctx, image.data, image.content_type), None
+        elif image.b64_json is not None:
             try:
                 data = base64.b64decode(image.b64_json, validate=True)
             except binascii.Error:

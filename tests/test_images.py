@@ -120,6 +120,19 @@ async def test_rehost_asks_upstream_for_base64(client, fake_openai):
     assert body["data"][0]["url"].startswith(str(client.make_url("/v1/images/files/")))
 
 
+async def test_hosted_images_are_decoded_as_they_arrive(client, fake_openai):
+    # Large enough to arrive in many reads; every image comes back byte for byte.
+    image = os.urandom(700_000)
+    fake_openai.image_b64 = base64.b64encode(image).decode()
+    body = await images_body(await client.post(URL, json={"model": "dall-e-3", "prompt": "x", "n": 1}, headers=AUTH))
+    assert body["data"][0]["revised_prompt"] == "Revised: x" and "b64_json" not in body["data"][0]
+    assert await (await download(client, body["data"][0]["url"])).read() == image
+    body = await images_body(await client.post(URL, json={"model": "dall-e-2", "prompt": "x", "n": 3}, headers=AUTH))
+    assert len({item["url"] for item in body["data"]}) == 3
+    for item in body["data"]:
+        assert await (await download(client, item["url"])).read() == image
+
+
 async def test_upstream_url_is_fetched_when_client_wants_base64(make_client, config_text, fake_openai):
     # An OpenAI-compatible upstream that only answers with URLs.
     model = "  url-only: {provider: openai, upstream_model: dall-e-2, capabilities: {upstream_formats: [url]}}\n"

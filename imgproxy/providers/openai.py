@@ -46,6 +46,11 @@ class OpenAIProvider(Provider):
             if not first.lstrip().startswith(b"{"):
                 raise upstream_error(f"The provider '{self.config.name}' returned an answer that is not a JSON object.", code="upstream_bad_response")
             return StreamedReply(resp, "application/json", first)
+        if request.response_format == "url" and upstream_format == "b64_json":
+            # The images will be hosted: decode them as they arrive rather than hold the answer.
+            body, decoded = await self.upstream.read_inline_images(resp, self.config)
+            resp.release()
+            return self.parse(body, request, decoded)
         body = await self.upstream.read_json(resp, self.config)
         resp.release()
         return self.parse(body, request)
@@ -76,17 +81,25 @@ class OpenAIProvider(Provider):
         body.update(request.options)
         return body
 
-    def parse(self, body: dict, request: ImageRequest) -> ImagesResult:
+    def parse(self, body: dict, request: ImageRequest, decoded: list[bytearray] | None = None) -> ImagesResult:
+        """`decoded`: the images of a body read by read_inline_images, whose b64_json values
+        are empty in `body`."""
         data = body.get("data")
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
             raise upstream_error(f"The provider '{self.config.name}' returned no image list.", code="upstream_bad_response")
+        if decoded is not None and len(decoded) != sum(isinstance(item.get("b64_json"), str) for item in data):
+            raise upstream_error(f"The provider '{self.config.name}' returned images outside its image list.", code="upstream_bad_response")
+        inline = iter(decoded or ())
         content_type = CONTENT_TYPES.get(body.get("output_format") or request.options.get("output_format") or "png")
         images = []
         for item in data:
             b64, url, revised = item.get("b64_json"), item.get("url"), item.get("revised_prompt")
             if not (isinstance(b64, str) or isinstance(url, str)):
                 raise upstream_error(f"The provider '{self.config.name}' returned an image without data.", code="upstream_bad_response")
-            images.append(GeneratedImage(b64_json=b64, url=url, revised_prompt=revised if isinstance(revised, str) else None, content_type=content_type))
+            image = GeneratedImage(b64_json=b64, url=url, revised_prompt=revised if isinstance(revised, str) else None, content_type=content_type)
+            if decoded is not None and isinstance(b64, str):
+                image.data, image.b64_json = next(inline), None
+            images.append(image)
         created = body.get("created")
         return ImagesResult(
             created=created if isinstance(created, int) else 0,

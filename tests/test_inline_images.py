@@ -1,0 +1,59 @@
+"""The reader that decodes base64 images as an answer arrives (for hosting them as URLs)."""
+
+import base64
+import json
+import os
+import random
+
+import pytest
+
+from imgproxy.inline_images import InlineImageError, InlineImageReader
+
+
+def read(raw: bytes, splits: list[int]) -> tuple[dict, list[bytes]]:
+    reader = InlineImageReader()
+    last = 0
+    for cut in [*splits, len(raw)]:
+        reader.feed(raw[last:cut])
+        last = cut
+    body, images = reader.finish()
+    return body, [bytes(image) for image in images]
+
+
+IMAGES = [os.urandom(3000), os.urandom(2999), os.urandom(1)]  # each padding length
+ANSWER = {
+    "created": 1713833628,
+    "data": [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": 'say "b64_json": "x"'} for image in IMAGES],
+    "usage": {"total_tokens": 100},
+}
+
+
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": "), (",\n  ", " :\t ")])
+def test_images_and_the_rest_survive_any_split(separators):
+    raw = json.dumps(ANSWER, separators=separators).encode().replace(b"/", b"\\/")  # JSON may escape "/"
+    expected = {**ANSWER, "data": [{**item, "b64_json": ""} for item in ANSWER["data"]]}
+    rng = random.Random(7)
+    for _ in range(200):
+        splits = sorted(rng.sample(range(1, len(raw)), rng.randint(1, 40)))
+        assert read(raw, splits) == (expected, IMAGES)
+    assert read(raw, list(range(1, len(raw)))) == (expected, IMAGES)  # one byte at a time
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"data": [{"b64_json": "aGVsbG8"}]}',  # cut short of a whole group
+        b'{"data": [{"b64_json": "aGV$bG8="}]}',  # not base64
+        b'{"data": [{"b64_json": "aGVs\\nbG8="}]}',  # an escape base64 never needs
+        b'{"data": [{"b64_json": "aGVsbG8=',  # truncated inside the image
+        b'{"data": [{"b64_json": "aGVsbG8="}',  # truncated after it
+        b"<html>502 Bad Gateway</html>",
+        b'["b64_json"]',
+    ],
+)
+def test_broken_answers_are_refused(raw):
+    reader = InlineImageReader()
+    with pytest.raises(InlineImageError):
+        for byte in range(len(raw)):
+            reader.feed(raw[byte : byte + 1])
+        reader.finish()
