@@ -57,3 +57,10 @@ def test_broken_answers_are_refused(raw):
         for byte in range(len(raw)):
             reader.feed(raw[byte : byte + 1])
         reader.finish()
+
+
+def test_a_b64_json_key_without_a_string_value_is_ordinary_json():
+    raw = b'{"data": [{"b64_json": null, "url": "https://x/1.png"}, {"b64_json" : "aGk="}], "b64_json": 3}'
+    body, images = read(raw, [13, 14, 15, 16, 40])
+    assert body == {"data": [{"b64_json": None, "url": "https://x/1.png"}, {"b64_json": ""}], "b64_json": 3}
+    assert images == [b"hi"]
