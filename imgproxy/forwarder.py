@@ -88,12 +88,9 @@ class Upstream:
     async def read_inline_images(self, resp: aiohttp.ClientResponse, provider: ProviderConfig) -> tuple[dict, list[bytearray]]:
         """An images answer read as it arrives, its base64 images decoded on the way (see
         inline_images): the skeleton of the JSON object and the images, or 502."""
-        reader, size = InlineImageReader(), 0
+        reader = InlineImageReader()
         try:
-            async for chunk in resp.content.iter_any():
-                size += len(chunk)
-                if size > MAX_JSON_BYTES:
-                    raise upstream_error(f"The provider's answer is larger than {MAX_JSON_BYTES} bytes.", code="upstream_bad_response")
+            async for chunk in _limited_chunks(resp, MAX_JSON_BYTES):
                 reader.feed(chunk)
             return reader.finish()
         except InlineImageError as exc:
@@ -167,16 +164,21 @@ def failure(exc: BaseException, provider: ProviderConfig, timeout: float | None)
     return upstream_error(f"The provider '{provider.name}' closed the connection before a complete answer.", code="upstream_bad_response")
 
 
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str = "answer") -> bytes:
+async def _limited_chunks(resp: aiohttp.ClientResponse, limit: int, what: str = "answer"):
+    """The body's chunks as they arrive, or 502 once it is larger than `limit`."""
+    too_large = f"The provider's {what} is larger than {limit} bytes."
     if resp.content_length is not None and resp.content_length > limit:
-        raise upstream_error(f"The provider's {what} is larger than {limit} bytes.", code="upstream_bad_response")
-    chunks, size = [], 0
+        raise upstream_error(too_large, code="upstream_bad_response")
+    size = 0
     async for chunk in resp.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise upstream_error(f"The provider's {what} is larger than {limit} bytes.", code="upstream_bad_response")
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise upstream_error(too_large, code="upstream_bad_response")
+        yield chunk
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str = "answer") -> bytes:
+    return b"".join([chunk async for chunk in _limited_chunks(resp, limit, what)])
 
 
 class StreamTap:
