@@ -146,7 +146,7 @@ class AuthPlugin:
         return Identity(match.name, match.settings)
 
     @hookimpl
-    def imgproxy_check_request(self, ctx):
+    def imgproxy_authorize_request(self, ctx):
         patterns = ctx.identity.settings.get("models")
         if patterns is None:
             return
