@@ -249,3 +249,22 @@ def test_every_subcommand_has_a_description():
         assert command in top
         result = subprocess.run([*IMGPROXY, command, "--help"], capture_output=True, text=True, timeout=30)
         assert result.returncode == 0 and words in result.stdout, result.stdout
+
+
+def test_text_logs_have_one_timestamp_format_and_no_empty_fields(serve, tmp_path):
+    import re
+
+    config = tmp_path / "text-logs.yaml"
+    config.write_text((REPO / "proxy.yaml").read_text() + "\nlogging: {format: text}\n")
+    proc, port = serve("--config", str(config), IMGPROXY_API_KEYS="sk-text-log-key-00000")
+    assert post(port, {"model": "placeholder", "prompt": "x", "response_format": "b64_json"}, "sk-text-log-key-00000")[0] == 200
+    assert post(port, {"model": "dall-e-3", "prompt": "x"}, "sk-text-log-key-00000")[0] == 503
+    proc.terminate()
+    proc.wait(timeout=30)
+    lines = proc.stdout.read().splitlines()
+    assert any("WARNING imgproxy: provider openai has no API key" in line for line in lines)  # a logging line
+    access = [line for line in lines if "imgproxy.access" in line]
+    assert len(access) == 2 and "error=provider_not_configured" in access[1]  # access lines
+    for line in lines:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ", line), line
+        assert "=None" not in line, line
