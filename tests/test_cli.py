@@ -268,3 +268,13 @@ def test_text_logs_have_one_timestamp_format_and_no_empty_fields(serve, tmp_path
     for line in lines:
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ", line), line
         assert "=None" not in line, line
+
+
+def test_the_hook_chain_benchmark_runs_from_the_checkout_as_the_readme_says():
+    assert ".venv/bin/python -m tests.benchmarks.hook_chain" in " ".join((REPO / "README.md").read_text().split())
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.hook_chain", "--requests", "200", "--rounds", "1"],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "full built-in chain:" in result.stdout and "ratio" in result.stdout
