@@ -418,3 +418,12 @@ async def test_guarded_and_first_result_semantics_hold_without_the_caller_choosi
     assert identities == []
     await client.gateway.hooks.call("imgproxy_record_usage", ctx=ctx, outcome=ctx.outcome)
     assert recorded == [ctx.outcome] and "first recorder broke" in caplog.text
+
+
+def test_the_declared_built_in_entry_points_match_what_is_loaded():
+    import tomllib
+
+    from imgproxy.pluginmanager import DEFAULT_PLUGINS
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["imgproxy"]
+    assert declared == DEFAULT_PLUGINS
