@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import hashlib
 import logging
@@ -26,24 +27,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"imgproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", default=os.environ.get("IMGPROXY_CONFIG", "proxy.yaml"), help="config file (IMGPROXY_CONFIG; default ./proxy.yaml)")
+    default_config = os.environ.get("IMGPROXY_CONFIG", "proxy.yaml")
+    serve = commands.add_parser(
+        "serve", help="run the gateway",
+        description="Serve the OpenAI Images API on the configured address, reloading the config file when it changes.",
+    )
+    serve.add_argument("--config", default=default_config, help="config file (IMGPROXY_CONFIG; default ./proxy.yaml)")
     serve.add_argument("--host", default=os.environ.get("IMGPROXY_HOST"), help="listen address (IMGPROXY_HOST; default from the config, else 127.0.0.1)")
     serve.add_argument("--port", type=int, default=_env_int("IMGPROXY_PORT"), help="listen port (IMGPROXY_PORT; default from the config, else 8080)")
     serve.add_argument("--log-level", default=os.environ.get("IMGPROXY_LOG_LEVEL"), choices=["debug", "info", "warning", "error"], help="IMGPROXY_LOG_LEVEL; default from the config, else info")
 
-    check = commands.add_parser("check-config", help="validate a config file and print its model table")
-    check.add_argument("file")
+    check = commands.add_parser(
+        "check-config", help="validate a config file and print its model table",
+        description="Validate a config file as `serve` would load it (without starting anything) and print its "
+        "models, their providers and whether each provider's key is set. Exit status 1 if it is invalid.",
+    )
+    check.add_argument("file", nargs="?", default=default_config, help="config file (IMGPROXY_CONFIG; default ./proxy.yaml)")
 
-    hash_key = commands.add_parser("hash-key", help="make a new random client key and print it with its SHA-256")
+    hash_key = commands.add_parser(
+        "hash-key", help="make a new random client key and print it with its SHA-256",
+        description="Print a new random client key and its SHA-256 (for auth.keys[].sha256), or with --stdin "
+        "the SHA-256 of a key you already have.",
+    )
     hash_key.add_argument("--stdin", action="store_true", help="hash a key read from standard input instead")
 
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return serve_command(args)
-    if args.command == "hash-key":
-        return hash_key_command(args.stdin)
-    return check_config_command(args.file)
+    try:
+        if args.command == "serve":
+            return serve_command(args)
+        if args.command == "hash-key":
+            code = hash_key_command(args.stdin)
+        else:
+            code = check_config_command(args.file)
+        sys.stdout.flush()  # here, so a closed pipe is seen below and not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`imgproxy check-config | head -1`): stop quietly, as the
+        # Python docs advise, with stdout pointed at /dev/null so the exit flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def hash_key_command(from_stdin: bool) -> int:
@@ -78,6 +100,7 @@ def serve_command(args) -> int:
         return 2
     config = gateway.config
     logs.setup(args.log_level or config.logging.level, config.logging.format)
+    warn_about_start_up(gateway)
     server = config.server
     host = args.host or server.host
     port = args.port if args.port is not None else server.port
@@ -87,15 +110,63 @@ def serve_command(args) -> int:
     # the objects of 64 requests in flight set it off every ~12 requests for nothing to find
     # (~30 us per request). 10,000 is passed only when thousands of requests are in flight.
     gc.set_threshold(10_000, 10, 10)
-    logging.getLogger("imgproxy").info(
-        "imgproxy %s serving %d models on http://%s:%s", __version__, len(config.models), host, port
-    )
     # The drain timeout bounds how long in-flight requests may finish after SIGTERM.
-    web.run_app(
-        create_app(runtime), host=host, port=port, shutdown_timeout=server.drain_timeout, backlog=server.backlog,
-        print=None, access_log=None, loop=loop,
-    )
+    try:
+        web.run_app(
+            create_app(runtime), host=host, port=port, shutdown_timeout=server.drain_timeout, backlog=server.backlog,
+            print=announce_serving(len(config.models), host, port), access_log=None, loop=loop,
+        )
+    except OSError as exc:
+        return listen_failed(exc, host, port)
     return 0
+
+
+def announce_serving(models: int, host: str, port: int):
+    """The line that says the gateway serves, for run_app's `print`: called only once the
+    listening socket is bound, so a port in use never gets a success line first."""
+
+    def announce(_aiohttp_banner: str) -> None:
+        logging.getLogger("imgproxy").info("imgproxy %s serving %d models on http://%s:%s", __version__, models, host, port)
+
+    return announce
+
+
+def listen_failed(exc: OSError, host: str, port: int) -> int:
+    """One line instead of a traceback for the usual reasons a listening socket cannot be had."""
+    reasons = {
+        errno.EADDRINUSE: "the address is already in use (another imgproxy, or another server, listens there)",
+        errno.EACCES: "permission denied (ports below 1024 need privileges)",
+        errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+    }
+    reason = reasons.get(exc.errno, exc.strerror or str(exc))
+    print(f"imgproxy: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+    return 2
+
+
+def missing_keys(gateway: Gateway) -> dict[str, str]:
+    """Providers that need a key and have none: name -> what to set."""
+    missing = {}
+    for name, spec in gateway.config.providers.items():
+        if gateway.providers[name].needs_key and not spec.api_key:
+            missing[name] = " or ".join(spec.api_key_vars) or f"providers.{name}.api_key"
+    return missing
+
+
+def warn_about_start_up(gateway: Gateway) -> None:
+    """What an operator should know before the first request finds out for them."""
+    log = logging.getLogger("imgproxy")
+    config = gateway.config
+    for name, setting in missing_keys(gateway).items():
+        models = sorted(m.name for m in config.models.values() if m.provider == name)
+        log.warning(
+            "provider %s has no API key: set %s; until then its models (%s) answer 503 provider_not_configured",
+            name, setting, ", ".join(models) or "none",
+        )
+    if not config.images.signing_key:
+        log.warning(
+            "images.signing_key is not set (IMGPROXY_SIGNING_KEY in the shipped proxy.yaml): image URLs are signed "
+            "with a random key of this process, so they break on restart and on other replicas"
+        )
 
 
 def check_config_command(path: str) -> int:
@@ -105,10 +176,11 @@ def check_config_command(path: str) -> int:
         print(f"imgproxy: invalid config: {exc}", file=sys.stderr)
         return 1
     rows = [("MODEL", "ALIASES", "PROVIDER", "UPSTREAM MODEL", "KEY")]
+    missing = missing_keys(gateway)
     for name, aliases, provider, upstream in gateway.routing.rows():
-        spec = gateway.config.providers[gateway.config.models[name].provider]
-        adapter = gateway.providers[spec.name]
-        key = "not needed" if not adapter.needs_key else ("set" if spec.api_key else "MISSING: " + (" or ".join(spec.api_key_vars) or "api_key"))
+        provider_name = gateway.config.models[name].provider
+        adapter = gateway.providers[provider_name]
+        key = "not needed" if not adapter.needs_key else ("MISSING: " + missing[provider_name] if provider_name in missing else "set")
         rows.append((name, aliases or "-", provider, upstream, key))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print(f"{path}: valid, {len(gateway.config.models)} models")

@@ -106,6 +106,8 @@ class Config:
     user_hash_key: bytes
     # Every top-level section as written (after substitution), for plugins to read their own.
     sections: dict
+    # The ${VAR}s each dotted key path referenced, so errors can name a variable, not its value.
+    env_refs: dict = field(default_factory=dict)
 
 
 def substitute_env(node, env, source: str, path: list, refs: dict):
@@ -228,6 +230,7 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         default_model=default_model,
         user_hash_key=raw.get("privacy", {}).get("user_hash_key", "").encode(),
         sections=raw,
+        env_refs=refs,
     )
 
 

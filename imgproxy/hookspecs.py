@@ -8,29 +8,61 @@ At start-up:
   4. imgproxy_startup / imgproxy_shutdown – when the server starts serving and stops
 
 Per request (after the body is parsed, schema-checked, routed and capability-checked):
-  5. imgproxy_authenticate        – who is calling
-  6. imgproxy_check_request       – may this request go upstream
+  5. imgproxy_authenticate        – who is calling (first result wins)
+  6. imgproxy_authorize_request   – may this caller use this model and these options (local, cheap)
+  7. imgproxy_check_limits        – rate limits, budget reservations
+  8. imgproxy_check_content       – content policy, moderation model (may cost money)
      … the provider adapter calls the upstream …
-  7. imgproxy_rewrite_response    – shape the answer for the client
-  8. imgproxy_record_usage        – account for what happened (always runs, also on failure)
+  9. imgproxy_rewrite_response    – shape the answer for the client
+ 10. imgproxy_record_usage        – account for what happened (always runs, also on failure)
+
+The core fixes the order of the phases 6–8, so a caller refused by a cheap local check or
+over its limits never makes the gateway pay for a moderation call. Within one hook the most
+recently registered implementation runs first: third-party plugins before the built-ins,
+which run as auth, moderation, ratelimit, cost, rewrite; `tryfirst`/`trylast` adjust that.
 
 Hooks may be `async def`: the core calls one implementation at a time and awaits it before
-calling the next (so pluggy hook wrappers do not apply). A hook refuses a request by raising
-`imgproxy.errors.GatewayError`, which the client receives as an OpenAI error envelope. The
-most recently registered implementation runs first: third-party plugins before the built-ins,
-which run as auth, moderation, ratelimit, cost, rewrite; `tryfirst`/`trylast` adjust that.
+calling the next (so pluggy hook wrappers do not apply). How the results are combined is
+declared here, on each spec, and read by the runner (`imgproxy.pluginmanager.Hooks`):
+`firstresult=True` stops at the first non-None result; `guarded` hooks run every
+implementation whatever the others raise; the rest run every implementation and an
+exception stops the rest. A hook refuses a request by raising
+`imgproxy.errors.GatewayError`, which the client receives as an OpenAI error envelope.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
 import pluggy
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+    from .messages import Identity, ImagesResult, Outcome, RequestContext
+    from .providers.base import Provider
 
 hookspec = pluggy.HookspecMarker("imgproxy")
 hookimpl = pluggy.HookimplMarker("imgproxy")
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def guarded(spec: _F) -> _F:
+    """Declare that every implementation of this hook runs even if another one raises (the
+    exception is logged, never sent to the client)."""
+    spec.imgproxy_guarded = True  # type: ignore[attr-defined]
+    return spec
+
+
+# A JSON Schema, as a dict.
+Schema = Mapping[str, Any]
+# Hooks may return their result directly or as an awaitable.
+MaybeAwaitable = Awaitable[None] | None
+
 
 @hookspec
-def imgproxy_register_providers(register):
+def imgproxy_register_providers(register: Callable[[str, type[Provider]], None]) -> None:
     """Add provider adapters: call `register(type_name, adapter_class)` for each.
 
     `adapter_class` subclasses `imgproxy.providers.base.Provider`; a provider in proxy.yaml
@@ -39,14 +71,14 @@ def imgproxy_register_providers(register):
 
 
 @hookspec
-def imgproxy_key_schema():
+def imgproxy_key_schema() -> Mapping[str, Schema] | None:
     """Return `{setting_name: json_schema}` for per-client-key settings this plugin reads (for
     example `rate_limit`), or None. They are allowed on each key entry of the auth section and
     reach request hooks as `ctx.identity.settings[setting_name]`."""
 
 
 @hookspec
-def imgproxy_config_schema(key_settings):
+def imgproxy_config_schema(key_settings: Mapping[str, Schema]) -> Mapping[str, Schema] | None:
     """Return `{section_name: json_schema}` for the top-level proxy.yaml sections this plugin
     reads, or None. The sections are validated with the rest of the file at load time.
     `key_settings` holds every plugin's per-key setting schemas, for the plugin that declares
@@ -54,49 +86,68 @@ def imgproxy_config_schema(key_settings):
 
 
 @hookspec
-def imgproxy_configure(gateway):
+def imgproxy_configure(gateway: Gateway) -> MaybeAwaitable:
     """Set up this plugin for a loaded gateway: read `gateway.config.sections[...]`, keep state
     on the plugin instance. Runs once per gateway, before it serves. May be async. Raise
     `imgproxy.config.ConfigError` for a bad section."""
 
 
 @hookspec
-def imgproxy_startup(gateway):
+def imgproxy_startup(gateway: Gateway) -> MaybeAwaitable:
     """The server is about to accept requests: open connections, start background tasks,
     announce things. May be async. Not called by `imgproxy check-config`."""
 
 
 @hookspec
-def imgproxy_shutdown(gateway):
+def imgproxy_shutdown(gateway: Gateway) -> MaybeAwaitable:
     """The server has stopped accepting requests: release what startup acquired. May be async."""
 
 
-@hookspec
-def imgproxy_authenticate(ctx):
+@hookspec(firstresult=True)
+def imgproxy_authenticate(ctx: RequestContext) -> Identity | Awaitable[Identity | None] | None:
     """Identify the caller of a request: return an `imgproxy.messages.Identity`, or None when
-    this plugin does not recognise the credentials. The first non-None result wins and the
-    rest are not awaited; if all return None the request gets 401. Raise GatewayError to
-    refuse outright (for example a disabled key)."""
+    this plugin does not recognise the credentials. Stops at the first non-None result (an
+    async implementation's awaited result): the implementations after it are not called. If
+    all return None the request gets 401. Raise GatewayError to refuse outright (for example a
+    disabled key). Runs before the body is read: `ctx.request` is still None."""
 
 
 @hookspec
-def imgproxy_check_request(ctx):
-    """Decide before any upstream call whether the request may proceed (policy, moderation,
-    rate limit, budget). Every implementation runs; raise GatewayError to refuse. `ctx.request`
-    is the validated ImageRequest and `ctx.identity` the caller."""
+def imgproxy_authorize_request(ctx: RequestContext) -> MaybeAwaitable:
+    """May this caller make this request at all: model allow-lists, options the key may use,
+    end users cooling down. Keep it cheap and local (no paid or remote call). Every
+    implementation runs; raise GatewayError to refuse. `ctx.request` is the validated
+    ImageRequest and `ctx.identity` the caller."""
 
 
 @hookspec
-def imgproxy_rewrite_response(ctx, result):
+def imgproxy_check_limits(ctx: RequestContext) -> MaybeAwaitable:
+    """Charge the caller's limits: rate limits, budget reservations. Runs after every
+    authorize_request hook passed and before any content check. Every implementation runs;
+    raise GatewayError to refuse. Whatever is reserved here is settled in record_usage, which
+    also runs when a later hook refuses the request."""
+
+
+@hookspec
+def imgproxy_check_content(ctx: RequestContext) -> MaybeAwaitable:
+    """Check the request's content: local content-policy rules, then anything that costs money
+    or leaves the process (a moderation model). Runs only for a caller within its limits.
+    Every implementation runs; raise GatewayError to refuse."""
+
+
+@hookspec
+def imgproxy_rewrite_response(ctx: RequestContext, result: ImagesResult) -> MaybeAwaitable:
     """Shape the provider's answer (`imgproxy.messages.ImagesResult`) for the client, in place:
     host images, convert between url and b64_json, drop fields. Every implementation runs.
     Not called for answers streamed straight through (server-sent events, or a body that
-    needs no change) unless a check_request hook set `ctx.needs_body = True`."""
+    needs no change) unless a request-check hook set `ctx.needs_body = True`."""
 
 
 @hookspec
-def imgproxy_record_usage(ctx, outcome):
+@guarded
+def imgproxy_record_usage(ctx: RequestContext, outcome: Outcome) -> MaybeAwaitable:
     """Account for a finished request: `outcome` (imgproxy.messages.Outcome) holds the status,
     the error code if any, the images returned and the upstream's usage. Runs for every
     request that reached authentication, successful or not, after the response is complete.
-    Every implementation runs; an exception here is logged and does not reach the client."""
+    Every implementation runs, whatever the others raise; an exception here is logged and
+    does not reach the client."""

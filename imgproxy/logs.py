@@ -56,6 +56,9 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return timestamp(record.created)  # the same format as the access log's lines
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         request_id = getattr(record, "request_id", None)
@@ -79,7 +82,9 @@ class AccessLog:
         if self.json:
             line = _encode({"time": timestamp(time.time()), "level": "info", "logger": "imgproxy.access", "message": message, "request_id": request_id, **fields})
         else:
-            line = f"{timestamp(time.time())} INFO imgproxy.access: {message} request_id={request_id} " + " ".join(f"{k}={v}" for k, v in fields.items())
+            # Fields without a value (no error, no user) are left out, as in a JSON reader's view.
+            fields = {"request_id": request_id, **fields}
+            line = f"{timestamp(time.time())} INFO imgproxy.access: {message} " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         self.stream.write(line + "\n")
         if not self._flush_pending:
             try:

@@ -27,7 +27,7 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
         check_schema(ctx.body)
         ctx.route = ctx.gateway.routing.resolve(requested_model(ctx))
         ctx.request = check_capabilities(ctx.body, ctx.route)
-        await ctx.gateway.hooks.each("imgproxy_check_request", ctx=ctx)
+        await check_request(ctx)
         response = await call_provider(ctx)
         ctx.outcome.status = response.status
         return response
@@ -48,7 +48,7 @@ async def authenticate(ctx: RequestContext) -> Identity:
     hooks = ctx.gateway.hooks
     if not hooks.has("imgproxy_authenticate"):
         return Identity("anonymous")  # the auth plugin was disabled on purpose
-    identity = await hooks.first("imgproxy_authenticate", ctx=ctx)
+    identity = await hooks.call("imgproxy_authenticate", ctx=ctx)
     if identity is None:
         if "Authorization" not in ctx.http.headers:
             raise GatewayError(
@@ -56,6 +56,15 @@ async def authenticate(ctx: RequestContext) -> Identity:
             )
         raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
     return identity
+
+
+async def check_request(ctx: RequestContext) -> None:
+    # Cheapest first: a caller refused locally, or over its limits, never makes the gateway
+    # pay for a content check (a moderation model is a paid upstream call).
+    hooks = ctx.gateway.hooks
+    await hooks.call("imgproxy_authorize_request", ctx=ctx)
+    await hooks.call("imgproxy_check_limits", ctx=ctx)
+    await hooks.call("imgproxy_check_content", ctx=ctx)
 
 
 def requested_model(ctx: RequestContext) -> str:
@@ -110,4 +119,4 @@ def images_response(ctx: RequestContext, result: ImagesResult) -> web.Response:
 async def record_usage(ctx: RequestContext) -> None:
     # Accounting must never turn a served request into an error, nor one plugin's failure
     # lose another's record.
-    await ctx.gateway.hooks.each_guarded("imgproxy_record_usage", log, ctx=ctx, outcome=ctx.outcome)
+    await ctx.gateway.hooks.call("imgproxy_record_usage", ctx=ctx, outcome=ctx.outcome)

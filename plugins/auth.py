@@ -19,6 +19,9 @@ from imgproxy.errors import GatewayError
 from imgproxy.hookspecs import hookimpl
 from imgproxy.messages import Identity
 
+# The one rule for every client key, however it is configured (docs/configuration.md, `auth`).
+MIN_KEY_LENGTH = 16
+
 OWN_KEY_SETTINGS = {
     "models": {
         "type": "array",
@@ -37,7 +40,7 @@ def section_schema(key_settings: dict) -> dict:
         "properties": {
             "api_keys": {
                 "type": "string",
-                "description": "Comma-separated client keys, usually ${IMGPROXY_API_KEYS}; named `default` (one key) or key-1, key-2, ….",
+                "description": f"Comma-separated client keys of at least {MIN_KEY_LENGTH} characters each, usually ${{IMGPROXY_API_KEYS}}; named `default` (one key) or key-1, key-2, ….",
             },
             "key_defaults": {
                 "type": "object",
@@ -53,7 +56,7 @@ def section_schema(key_settings: dict) -> dict:
                     "required": ["name"],
                     "properties": {
                         "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$", "description": "Label used in logs, metrics and usage records."},
-                        "key": {"type": "string", "minLength": 16, "description": "The key itself, usually ${ENV_VAR}."},
+                        "key": {"type": "string", "minLength": MIN_KEY_LENGTH, "description": f"The key itself (at least {MIN_KEY_LENGTH} characters), usually ${{ENV_VAR}}."},
                         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "Hex SHA-256 of the key, instead of the key (imgproxy hash-key)."},
                         "disabled": {"type": "boolean", "description": "Refuse this key with 401 without deleting it."},
                         **settings,
@@ -98,6 +101,13 @@ class AuthPlugin:
         keys, names = [], set()
         env_keys = [k.strip() for k in section.get("api_keys", "").split(",") if k.strip()]
         for i, key in enumerate(env_keys, 1):
+            if len(key) < MIN_KEY_LENGTH:
+                # Name where the key came from, never the key: this message reaches logs.
+                origin = " and ".join(f"${name}" for name in gateway.config.env_refs.get("auth.api_keys", ())) or "auth.api_keys"
+                raise ConfigError(
+                    gateway.config.source, ["auth", "api_keys"],
+                    f"key {i} of {len(env_keys)} in {origin} is shorter than {MIN_KEY_LENGTH} characters (every client key needs at least {MIN_KEY_LENGTH})",
+                )
             keys.append(ClientKey("default" if len(env_keys) == 1 else f"key-{i}", digest(key), settings=defaults))
         for entry in section.get("keys", []):
             own = {k: v for k, v in entry.items() if k not in ("name", "key", "sha256", "disabled")}
@@ -146,7 +156,7 @@ class AuthPlugin:
         return Identity(match.name, match.settings)
 
     @hookimpl
-    def imgproxy_check_request(self, ctx):
+    def imgproxy_authorize_request(self, ctx):
         patterns = ctx.identity.settings.get("models")
         if patterns is None:
             return

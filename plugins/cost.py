@@ -166,7 +166,7 @@ class CostPlugin:
         self.usage_log = None
 
     @hookimpl
-    async def imgproxy_check_request(self, ctx):
+    async def imgproxy_check_limits(self, ctx):
         request, price = ctx.request, self.prices[ctx.route.model.name]
         images_cost = request.n * price.image(request.quality, request.size)
         worst = images_cost

@@ -1,8 +1,10 @@
 """Moderation: which levels a key may ask for, the gateway's own content policy, an optional
 upstream moderation model, and cool-downs for end users who keep violating the policy.
 
-Order within a request: level allowed for the key → user not cooling down → content-policy
-rules → moderation model. Every refusal happens before any upstream image call.
+Order within a request: level allowed for the key → user not cooling down (both in
+imgproxy_authorize_request) → the key's rate limits and budget (other plugins) → content-policy
+rules → moderation model (imgproxy_check_content). Every refusal happens before any upstream
+image call.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ class ModerationPlugin:
         self.abuse |= section.get("abuse", {})
 
     @hookimpl
-    async def imgproxy_check_request(self, ctx):
+    async def imgproxy_authorize_request(self, ctx):
         level = ctx.request.moderation
         allowed = ctx.identity.settings.get("moderation_levels", ["auto"])
         if level not in allowed:
@@ -149,6 +151,12 @@ class ModerationPlugin:
                 param="moderation",
             )
         await self._refuse_cooling_down_user(ctx)
+
+    @hookimpl
+    async def imgproxy_check_content(self, ctx):
+        # After the rate limits and budget (imgproxy_check_limits): the moderation model is a
+        # paid call, never made for a caller who is over its limits.
+        level = ctx.request.moderation
         for category in self.categories:
             if category.pattern.search(ctx.request.prompt):
                 action = category.actions[level]

@@ -33,7 +33,7 @@ class RateLimitPlugin:
         return KEY_SETTINGS
 
     @hookimpl
-    async def imgproxy_check_request(self, ctx):
+    async def imgproxy_check_limits(self, ctx):
         settings = ctx.identity.settings.get("rate_limit") or {}
         scope = ctx.identity.name
         if settings.get("per_user") and ctx.request.user is not None:

@@ -100,3 +100,41 @@ async def test_model_globs_and_key_defaults(make_client, config_text):
     other = {"Authorization": "Bearer sk-other-key-00000000"}
     await images_body(await client.post(URL, json=BODY, headers=other))  # from key_defaults
     await assert_error(await client.post(URL, json={"model": "dall-e-2", "prompt": "x"}, headers=other), 403, "model_not_allowed", "model")
+
+
+@pytest.mark.parametrize("api_keys", ["abc", "sk-15-chars-xyz", "sk-long-enough-key-000,sk-15-chars-xyz", " sk-long-enough-key-000 , abc ,"])
+async def test_one_length_rule_for_every_client_key(make_client, config_text, api_keys):
+    from imgproxy.config import ConfigError
+    from imgproxy.plugins.auth import MIN_KEY_LENGTH
+
+    text = config_text().replace("auth:\n", "auth:\n  api_keys: ${IMGPROXY_API_KEYS}\n")
+    short = next(k.strip() for k in api_keys.split(",") if k.strip() and len(k.strip()) < MIN_KEY_LENGTH)
+    with pytest.raises(ConfigError) as caught:
+        await make_client(text, env={"IMGPROXY_API_KEYS": api_keys})
+    assert caught.value.path == "auth.api_keys"
+    assert "$IMGPROXY_API_KEYS" in caught.value.problem and f"shorter than {MIN_KEY_LENGTH} characters" in caught.value.problem
+    assert short not in str(caught.value)  # named by where it came from, never by its value
+    # The same rule as for a key written under auth.keys.
+    with pytest.raises(ConfigError) as caught:
+        await make_client(config_text().replace(f"key: {CLIENT_KEY}", f"key: {CLIENT_KEY[:MIN_KEY_LENGTH - 1]}"))
+    assert caught.value.path == "auth.keys.0.key"
+
+
+async def test_a_key_of_exactly_the_minimum_length_is_accepted(make_client, config_text):
+    text = config_text().replace("auth:\n", "auth:\n  api_keys: ${IMGPROXY_API_KEYS}\n")
+    client = await make_client(text, env={"IMGPROXY_API_KEYS": "sk-16-chars-xyzw"})
+    await images_body(await client.post(URL, json=BODY, headers={"Authorization": "Bearer sk-16-chars-xyzw"}))
+
+
+def test_documented_example_keys_follow_the_rule():
+    import re
+    from pathlib import Path
+
+    from imgproxy.plugins.auth import MIN_KEY_LENGTH
+
+    repo = Path(__file__).resolve().parents[1]
+    text = "".join((repo / name).read_text() for name in ("README.md", "docs/deployment.md", "docs/policies.md", "docs/configuration.md"))
+    examples = re.findall(r"(?:IMGPROXY_API_KEYS=|api-keys=|Bearer |api_key=\")([^\s\"\\]+)", text)
+    keys = [key for found in examples for key in found.split(",") if key != "sk-..." and not key.startswith("<")]
+    assert keys, "no example keys found: the pattern no longer matches the docs"
+    assert [key for key in keys if len(key) < MIN_KEY_LENGTH] == []

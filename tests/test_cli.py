@@ -184,3 +184,97 @@ def test_sigterm_lets_in_flight_requests_finish(serve, tmp_path):
     finally:
         mock.terminate()
         mock.wait(timeout=10)
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*IMGPROXY, "serve", "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=30,
+            env=clean_env(IMGPROXY_API_KEYS="sk-port-test-key-00000", IMGPROXY_IMAGE_DIR=str(tmp_path / "images")),
+        )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == f"imgproxy: cannot listen on 127.0.0.1:{port}: the address is already in use (another imgproxy, or another server, listens there)"
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "serving" not in result.stdout  # no success line before the failure
+
+
+def start_up_warnings(proc) -> list[str]:
+    proc.terminate()
+    proc.wait(timeout=30)
+    lines = [json.loads(line) for line in proc.stdout.read().splitlines()]
+    serving = next(i for i, line in enumerate(lines) if "serving" in line["message"])
+    assert all(line["level"] == "warning" for line in lines[:serving] if "key" in line["message"])
+    return [line["message"] for line in lines[:serving] if line["level"] == "warning"]
+
+
+def test_serve_warns_about_missing_provider_keys_and_a_random_signing_key(serve):
+    warnings = start_up_warnings(serve(IMGPROXY_API_KEYS="sk-warn-test-key-00000")[0])
+    assert any("provider openai has no API key: set OPENAI_API_KEY" in w and "dall-e-3" in w for w in warnings), warnings
+    assert any("provider stability has no API key: set STABILITY_API_KEY" in w for w in warnings), warnings
+    assert any("signing_key is not set" in w and "break on restart" in w for w in warnings), warnings
+    # Only what is really missing is named.
+    warnings = start_up_warnings(serve(IMGPROXY_API_KEYS="sk-warn-test-key-00000", OPENAI_API_KEY="sk-set", IMGPROXY_SIGNING_KEY="a-long-signing-key")[0])
+    assert [w for w in warnings if "openai" in w or "signing_key" in w] == []
+    assert any("STABILITY_API_KEY" in w for w in warnings)
+    assert "sk-set" not in " ".join(warnings)
+
+
+def test_check_config_reads_the_same_file_as_serve(tmp_path):
+    result = subprocess.run([*IMGPROXY, "check-config"], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "proxy.yaml: valid, 5 models"
+    config = tmp_path / "gateway.yaml"
+    config.write_text((REPO / "proxy.yaml").read_text().replace("  placeholder: {provider: placeholder}\n", ""))
+    result = subprocess.run([*IMGPROXY, "check-config"], cwd=REPO, env=clean_env(IMGPROXY_CONFIG=str(config)), capture_output=True, text=True, timeout=30)
+    assert result.stdout.splitlines()[0] == f"{config}: valid, 4 models"
+
+
+def test_check_config_into_a_closed_pipe_stops_quietly():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (`| head -1`) is already gone
+    try:
+        result = subprocess.run([*IMGPROXY, "check-config"], cwd=REPO, env=clean_env(), stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+    assert result.returncode == 1
+
+
+def test_every_subcommand_has_a_description():
+    top = subprocess.run([*IMGPROXY, "--help"], capture_output=True, text=True, timeout=30).stdout
+    for command, words in (("serve", "Serve the OpenAI Images API"), ("check-config", "Validate a config file"), ("hash-key", "Print a new random client key")):
+        assert command in top
+        result = subprocess.run([*IMGPROXY, command, "--help"], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and words in result.stdout, result.stdout
+
+
+def test_text_logs_have_one_timestamp_format_and_no_empty_fields(serve, tmp_path):
+    import re
+
+    config = tmp_path / "text-logs.yaml"
+    config.write_text((REPO / "proxy.yaml").read_text() + "\nlogging: {format: text}\n")
+    proc, port = serve("--config", str(config), IMGPROXY_API_KEYS="sk-text-log-key-00000")
+    assert post(port, {"model": "placeholder", "prompt": "x", "response_format": "b64_json"}, "sk-text-log-key-00000")[0] == 200
+    assert post(port, {"model": "dall-e-3", "prompt": "x"}, "sk-text-log-key-00000")[0] == 503
+    proc.terminate()
+    proc.wait(timeout=30)
+    lines = proc.stdout.read().splitlines()
+    assert any("WARNING imgproxy: provider openai has no API key" in line for line in lines)  # a logging line
+    access = [line for line in lines if "imgproxy.access" in line]
+    assert len(access) == 2 and "error=provider_not_configured" in access[1]  # access lines
+    for line in lines:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ", line), line
+        assert "=None" not in line, line
+
+
+def test_the_hook_chain_benchmark_runs_from_the_checkout_as_the_readme_says():
+    assert ".venv/bin/python -m tests.benchmarks.hook_chain" in " ".join((REPO / "README.md").read_text().split())
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.hook_chain", "--requests", "200", "--rounds", "1"],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "full built-in chain:" in result.stdout and "ratio" in result.stdout

@@ -2,7 +2,7 @@
 
     python -m tests.benchmarks.hook_chain [--requests 20000] [--rounds 5]
 
-Both gateways run the same core calls (authenticate, check_request, rewrite_response,
+Both gateways run the same core calls (authenticate, the three request checks, rewrite_response,
 record_usage) on the same request; the full one has every built-in plugin enabled with a
 named key that has model globs, moderation rules, rate limits and budgets, and the in-memory
 state backend. Rounds alternate (full, empty, full, empty, …); the medians are reported.
@@ -19,7 +19,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from imgproxy.gateway import Gateway
 from imgproxy.messages import GeneratedImage, ImagesResult, RequestContext
-from imgproxy.pipeline import authenticate, record_usage
+from imgproxy.pipeline import authenticate, check_request, record_usage
 
 from imgproxy.validation import check_capabilities, check_schema
 
@@ -56,7 +56,7 @@ async def one_request(gateway: Gateway, http, body: dict) -> None:
     check_schema(body)
     ctx.route = gateway.routing.resolve(body["model"])
     ctx.request = check_capabilities(body, ctx.route)
-    await gateway.hooks.each("imgproxy_check_request", ctx=ctx)
+    await check_request(ctx)
     result = ImagesResult(created=1, images=[GeneratedImage(b64_json="aGVsbG8=")])
     await gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=result)
     ctx.outcome.status, ctx.outcome.images = 200, len(result.images)
