@@ -60,9 +60,18 @@ class Upstream:
             client_timeout = self._timeouts[timeout, provider.connect_timeout] = aiohttp.ClientTimeout(total=timeout, connect=provider.connect_timeout)
         ctx.outcome.upstream_called = True
         try:
-            return await self.session.request(method, url, headers=headers, timeout=client_timeout, **kwargs)
+            resp = await self.session.request(method, url, headers=headers, timeout=client_timeout, allow_redirects=False, **kwargs)
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise failure(exc, provider, timeout) from None
+        if 300 <= resp.status < 400:
+            # Never followed: the next hop would be a host the upstream chose (with our request).
+            resp.release()
+            log.warning(
+                "provider %s answered HTTP %s, a redirect to host %r, which is not followed",
+                provider.name, resp.status, _host(resp.headers.get("Location", "")) or _host(url),
+            )
+            raise upstream_error(f"The provider '{provider.name}' answered with a redirect, which this gateway does not follow.", code="upstream_bad_response")
+        return resp
 
     def request(self, ctx: RequestContext, provider: ProviderConfig, method: str, url: str, *, timeout: float, **kwargs) -> "Exchange":
         """`async with upstream.request(...) as response:` send, read, and release; failures
@@ -162,6 +171,14 @@ def failure(exc: BaseException, provider: ProviderConfig, timeout: float | None)
         return upstream_error(f"Could not connect to the provider '{provider.name}'.", code="upstream_unavailable")
     log.warning("provider %s broke off its answer: %r", provider.name, exc)
     return upstream_error(f"The provider '{provider.name}' closed the connection before a complete answer.", code="upstream_bad_response")
+
+
+def _host(url: str) -> str | None:
+    """The host of a URL, for logs (never its query, which may hold a signature)."""
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
 
 
 async def _limited_chunks(resp: aiohttp.ClientResponse, limit: int, what: str = "answer"):
