@@ -222,6 +222,25 @@ async def test_explicit_opt_in_allows_non_public_addresses(make_client, config_t
         assert fake_openai.requests == []
 
 
+async def test_image_host_name_resolving_to_metadata_is_refused(make_client, config_text, fake_openai, cdn, dns, caplog):
+    # The provider may use 127.0.0.0/8 (its own address); its CDN's name answers with the
+    # metadata address, a private one, or a mix: only a loopback answer is ever connected to.
+    dns.update({"api.provider.example": ["127.0.0.1"], "a.cdn.example": ["169.254.169.254"],
+                "b.cdn.example": ["10.0.0.1"], "c.cdn.example": ["169.254.169.254", "127.0.0.1"]})
+    lines = f"    allow_private_addresses: ['127.0.0.0/8']\n    image_hosts: ['*.cdn.example:{cdn.port}']\n"
+    client = await make_client(public_name_config(config_text, fake_openai, lines).replace(
+        "models:\n", "models:\n  url-only: {provider: openai, upstream_model: dall-e-2, capabilities: {upstream_formats: [url]}}\n"))
+    for host in ("a.cdn.example", "b.cdn.example"):
+        fake_openai.cue(body={"created": 1, "data": [{"url": f"http://{host}:{cdn.port}/ok.png"}]})
+        with caplog.at_level(logging.WARNING):
+            await assert_error(await client.post(URL, json={**DALLE, "model": "url-only"}, headers=AUTH), 502, "upstream_bad_response")
+        assert host in warnings(caplog)
+    fake_openai.cue(body={"created": 1, "data": [{"url": f"http://c.cdn.example:{cdn.port}/ok.png"}]})
+    body = await images_body(await client.post(URL, json={**DALLE, "model": "url-only"}, headers=AUTH))
+    assert await (await download(client, body["data"][0]["url"])).read() == CDN_PNG
+    assert "left out addresses of c.cdn.example" in warnings(caplog)
+
+
 async def test_self_hosted_provider_reaches_private_neighbours_but_not_metadata(make_client, config_text, fake_openai, cdn, dns):
     # base_url is 127.0.0.1: a self-hosted provider, whose image hosts may be loopback or private.
     dns.update({"img1.cdn.internal": ["127.0.0.1"], "meta.cdn.internal": ["169.254.169.254"], "cdn.internal": ["127.0.0.1"]})
