@@ -12,6 +12,7 @@ import yaml
 
 from . import schemafiles
 from .catalog import Capabilities, capabilities_for
+from .egress import BadEntry, EgressPolicy, policy_for
 
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -60,15 +61,12 @@ class ProviderConfig:
     total_timeout: float
     image_hosts: tuple[str, ...]
     options: dict = field(default_factory=dict)
+    # Where this provider's requests may go (base_url, image_hosts, allow_private_addresses).
+    egress: EgressPolicy | None = None
 
-    def allows_image_host(self, host: str) -> bool:
-        host = host.lower()
-        base_host = (urlsplit(self.base_url).hostname or "").lower()
-        for allowed in (base_host, *self.image_hosts):
-            allowed = allowed.lower()
-            if host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:])):
-                return True
-        return False
+    def __post_init__(self) -> None:
+        if self.egress is None:  # built in code, not read from a config: the default policy
+            object.__setattr__(self, "egress", policy_for(self.base_url, self.image_hosts, None))
 
 
 @dataclass(frozen=True)
@@ -178,6 +176,10 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         if base_url and urlsplit(base_url).scheme not in ("http", "https"):
             raise ConfigError(source, ["providers", name, "base_url"], f"must be an http(s) URL, not {base_url!r}")
         timeouts = {**DEFAULT_TIMEOUTS, **spec.get("timeouts", {})}
+        try:
+            egress = policy_for(base_url.rstrip("/"), spec.get("image_hosts", ()), spec.get("allow_private_addresses"))
+        except BadEntry as exc:
+            raise ConfigError(source, ["providers", name, *exc.key], str(exc)) from None
         providers[name] = ProviderConfig(
             name=name,
             type=spec["type"],
@@ -188,6 +190,7 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
             total_timeout=float(timeouts["total"]),
             image_hosts=tuple(spec.get("image_hosts", ())),
             options=spec.get("options", {}),
+            egress=egress,
         )
 
     models, public_names = {}, {}

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from . import __version__
 from .config import ProviderConfig
+from .egress import AddressPolicy, AddressRefused, CheckingResolver, UrlRefused
 from .errors import GatewayError, upstream_error
 from .inline_images import InlineImageError, InlineImageReader
 from .messages import RequestContext, StreamedReply
@@ -23,26 +24,37 @@ MAX_JSON_BYTES = 256 * 1024 * 1024  # n=10 large PNGs as base64 stay well below 
 
 
 class Upstream:
-    """Owns the connection pool shared by every provider of one gateway."""
+    """Owns the connection pools of one gateway's providers, and checks where each request goes."""
 
-    def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self, policies=()) -> None:
+        # One pool per address policy (most configs have one): a connection made under one
+        # provider's policy is never reused under another's.
+        self._sessions: dict[AddressPolicy, tuple[aiohttp.ClientSession, CheckingResolver]] = {}
+        self._policies = tuple(policies)
+        self._started = False
         self._timeouts: dict[tuple, aiohttp.ClientTimeout] = {}  # a few per config: built once
 
     async def start(self) -> None:
-        # No per-host cap: concurrency is bounded by the clients, and a slow image model
-        # would otherwise queue requests behind the pool.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"imgproxy/{__version__}"})
+        self._started = True
+        for policy in self._policies:
+            self.session(policy)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session, resolver in self._sessions.values():
+            await session.close()
+            await resolver.close()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "Upstream.start() was not awaited"
-        return self._session
+    def session(self, policy: AddressPolicy) -> aiohttp.ClientSession:
+        pair = self._sessions.get(policy)
+        if pair is None:
+            assert self._started, "Upstream.start() was not awaited"
+            # No per-host cap: concurrency is bounded by the clients, and a slow image model
+            # would otherwise queue requests behind the pool. Every DNS answer is checked.
+            resolver = CheckingResolver(policy)
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, resolver=resolver)
+            session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"imgproxy/{__version__}"})
+            pair = self._sessions[policy] = (session, resolver)
+        return pair[0]
 
     async def send(
         self, ctx: RequestContext, provider: ProviderConfig, method: str, url: str, *, timeout: float, **kwargs
@@ -58,11 +70,30 @@ class Upstream:
         client_timeout = self._timeouts.get((timeout, provider.connect_timeout))
         if client_timeout is None:
             client_timeout = self._timeouts[timeout, provider.connect_timeout] = aiohttp.ClientTimeout(total=timeout, connect=provider.connect_timeout)
+        egress = provider.egress
+        try:
+            target = egress.target(url)
+        except UrlRefused as exc:
+            log.warning("refused a request to host %r for provider %s: %s", _host(url), provider.name, exc)
+            raise upstream_error(
+                f"The provider '{provider.name}' returned a URL on a host it is not allowed to use.", code="upstream_bad_response"
+            ) from None
         ctx.outcome.upstream_called = True
         try:
-            return await self.session.request(method, url, headers=headers, timeout=client_timeout, **kwargs)
+            resp = await self.session(egress.addresses).request(
+                method, target, headers=headers, timeout=client_timeout, allow_redirects=False, **kwargs
+            )
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise failure(exc, provider, timeout) from None
+        if 300 <= resp.status < 400:
+            # Never followed: the next hop would be a host the upstream chose (with our request).
+            resp.release()
+            log.warning(
+                "provider %s answered HTTP %s, a redirect to host %r, which is not followed",
+                provider.name, resp.status, _host(resp.headers.get("Location", "")) or _host(url),
+            )
+            raise upstream_error(f"The provider '{provider.name}' answered with a redirect, which this gateway does not follow.", code="upstream_bad_response")
+        return resp
 
     def request(self, ctx: RequestContext, provider: ProviderConfig, method: str, url: str, *, timeout: float, **kwargs) -> "Exchange":
         """`async with upstream.request(...) as response:` send, read, and release; failures
@@ -111,14 +142,8 @@ class Upstream:
     async def fetch_image(
         self, ctx: RequestContext, provider: ProviderConfig, url: str, *, max_bytes: int, timeout: float
     ) -> tuple[bytes, str]:
-        """Download an image a provider pointed at, only from that provider's own hosts."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("https", "http") or not parts.hostname or not provider.allows_image_host(parts.hostname):
-            log.warning("refused to fetch an image from %r for provider %s", parts.hostname, provider.name)
-            raise upstream_error(
-                f"The provider '{provider.name}' returned an image URL on a host it is not allowed to use.",
-                code="upstream_bad_response",
-            )
+        """Download an image a provider pointed at, only from that provider's own hosts (`send`
+        checks the URL)."""
         async with self.request(ctx, provider, "GET", url, timeout=timeout) as resp:
             if resp.status != 200:
                 raise upstream_error(
@@ -157,11 +182,24 @@ def failure(exc: BaseException, provider: ProviderConfig, timeout: float | None)
         log.warning("provider %s timed out after %ss", provider.name, timeout)
         within = f"within {timeout:g} seconds" if timeout else "in time"
         return upstream_error(f"The provider '{provider.name}' did not answer {within}.", status=504, code="upstream_timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, AddressRefused):
+        log.warning("refused to connect to provider %s: %s", provider.name, exc.os_error)
+        return upstream_error(
+            f"The provider '{provider.name}' is at an address this gateway may not connect to.", code="upstream_bad_response"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         log.warning("cannot connect to provider %s: %s", provider.name, exc.os_error)
         return upstream_error(f"Could not connect to the provider '{provider.name}'.", code="upstream_unavailable")
     log.warning("provider %s broke off its answer: %r", provider.name, exc)
     return upstream_error(f"The provider '{provider.name}' closed the connection before a complete answer.", code="upstream_bad_response")
+
+
+def _host(url: str) -> str | None:
+    """The host of a URL, for logs (never its query, which may hold a signature)."""
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
 
 
 async def _limited_chunks(resp: aiohttp.ClientResponse, limit: int, what: str = "answer"):

@@ -44,7 +44,7 @@ class Gateway:
         self.pm = pm
         self.hooks = Hooks(pm)
         self.routing = RoutingTable(config)
-        self.upstream = Upstream()
+        self.upstream = Upstream(spec.egress.addresses for spec in config.providers.values())
         self.providers: dict[str, Provider] = {
             name: adapters[spec.type](spec, self.upstream) for name, spec in config.providers.items()
         }
