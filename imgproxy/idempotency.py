@@ -59,6 +59,9 @@ class Idempotency:
             found = await self.state.put_new(key, mark, running_ttl)
             if found is None:
                 ctx.scratch["idempotency"] = (key, body)
+                # Read the answer whole (not streamed through) so that it can be kept; a client
+                # that asked for `stream` still gets a stream, and its retry a 409.
+                ctx.needs_body = True
                 return None
             record = json.loads(found)
             if record["body"] != body:
