@@ -91,7 +91,7 @@ return out
 RESERVE = _NOW + """
 local now = now_of(ARGV[1])
 local n = #KEYS
-if ARGV[2] ~= '' then n = n - 2 end
+if ARGV[2] ~= '' then n = n - 3 end
 for i = 1, n do
   local limit = ARGV[4 + (i - 1) * 3 + 2]
   if limit ~= '' then
@@ -110,29 +110,35 @@ end
 return 0
 """
 
-# As RESERVE without limits; with a pending id, only if that record is still there.
+# As RESERVE without limits; with a pending id, only if that record is still there (else
+# whether a sweeper claimed it). KEYS end with the pending zset, hash and recovered zset.
 SETTLE = _NOW + """
 local now = now_of(ARGV[1])
 local n = #KEYS
 if ARGV[2] ~= '' then
-  n = n - 2
-  if redis.call('ZREM', KEYS[n + 1], ARGV[2]) == 0 then return 0 end
+  n = n - 3
+  if redis.call('ZREM', KEYS[n + 1], ARGV[2]) == 0 then
+    if redis.call('ZSCORE', KEYS[n + 3], ARGV[2]) then return 'recovered' end
+    return 'missing'
+  end
   redis.call('HDEL', KEYS[n + 2], ARGV[2])
 end
 for i = 1, n do
   local base = 4 + (i - 1) * 3
   apply(KEYS[i], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 3]), now)
 end
-return 1
+return 'settled'
 """
 
-# KEYS: pending zset, hash. ARGV: now, how many at most.
+# KEYS: pending zset, hash, recovered zset (ids claimed in the last day). ARGV: now, how many at most.
 CLAIM = _NOW + """
 local now = now_of(ARGV[1])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local out = {}
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 86400)
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
+  redis.call('ZADD', KEYS[3], now, id)
   local record = redis.call('HGET', KEYS[2], id)
   redis.call('HDEL', KEYS[2], id)
   if record then table.insert(out, record) end
@@ -221,11 +227,15 @@ class RedisState:
             for limit, i in zip(limits, range(0, len(out), 4))
         ]
 
+    @staticmethod
+    def _pending_keys(scope: str) -> list[str]:
+        return [f"pending:{{{scope}}}", f"pending:{{{scope}}}:records", f"pending:{{{scope}}}:recovered"]
+
     def _counter_args(self, items: list[Reservation], pending: Pending | None) -> tuple[list, list]:
         keys = [item.key for item in items]
         args: list = [self._now(), "", "", ""]
         if pending is not None:
-            keys += [f"pending:{{{pending.scope}}}", f"pending:{{{pending.scope}}}:records"]
+            keys += self._pending_keys(pending.scope)
             args[1:] = [pending.id, json.dumps(pending.record), repr(float(pending.deadline))]
         for item in items:
             args += [repr(float(item.amount)), "" if item.limit is None else repr(float(item.limit)), repr(float(item.ttl))]
@@ -237,17 +247,21 @@ class RedisState:
             self._scopes_seen.add(pending.scope)
         keys, args = self._counter_args(reservations, pending)
         failed = await self._call(self._reserve(keys=keys, args=args))
-        return None if failed == 0 else failed - 1
+        if failed != 0:
+            return failed - 1
+        if pending is not None:
+            pending.stored = True
+        return None
 
-    async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> bool:
+    async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> str:
         keys, args = self._counter_args(adjustments, pending)
-        return bool(await self._call(self._settle(keys=keys, args=args)))
+        return (await self._call(self._settle(keys=keys, args=args))).decode()
 
     async def claim_expired(self, limit: int = 100) -> list[dict]:
         scopes = await self._call(self.redis.smembers(self.prefix + PENDING_SCOPES))
         records = []
         for scope in sorted(s.decode() for s in scopes):
-            keys = self._keys([f"pending:{{{scope}}}", f"pending:{{{scope}}}:records"])
+            keys = self._keys(self._pending_keys(scope))
             for raw in await self._call(self._claim(keys=keys, args=[self._now(), limit])):
                 records.append(json.loads(raw))
         return records

@@ -52,6 +52,7 @@ class Pending:
     id: str
     record: dict
     deadline: float
+    stored: bool = False  # set by the backend once the reservation holds it
 
 
 class StateUnavailable(Exception):
@@ -66,9 +67,10 @@ class State(Protocol):
         """Apply all reservations, or none: returns None, or the index of the first that failed.
         With `pending`, its record is stored in the same atomic step."""
 
-    async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> bool:
-        """Apply adjustments (no limit) and drop the pending record, in one step. False (and
-        nothing changed) when the record was already claimed by a sweeper."""
+    async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> str:
+        """Apply adjustments (no limit) and drop the pending record, in one step: "settled".
+        Nothing changes when the record is gone: "recovered" (a sweeper claimed it) or "missing"
+        (the state lost it, say a Redis restarted without persistence)."""
 
     async def claim_expired(self, limit: int = 100) -> list[dict]:
         """Remove and return pending records past their deadline; each goes to one caller only."""
@@ -107,6 +109,7 @@ class MemoryState:
         self._data: dict[str, tuple[float, float]] = {}  # key -> (value, expires_at)
         self._blobs: dict[str, tuple[bytes, float]] = {}
         self._pending: dict[str, tuple[float, dict]] = {}  # id -> (deadline, record)
+        self._recovered: set[str] = set()
         self._writes = 0
 
     def _get(self, key: str, now: float) -> float:
@@ -148,17 +151,19 @@ class MemoryState:
             self._put(item.key, entry[0] + item.amount, entry[1])
         if pending is not None:
             self._pending[pending.id] = (now + pending.deadline, pending.record)
+            pending.stored = True
         return None
 
-    async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> bool:
+    async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> str:
         if pending is not None and self._pending.pop(pending.id, None) is None:
-            return False
+            return "recovered" if pending.id in self._recovered else "missing"
         await self.reserve([replace(item, limit=None) for item in adjustments])
-        return True
+        return "settled"
 
     async def claim_expired(self, limit: int = 100) -> list[dict]:
         now = self.clock()
         due = [id for id, (deadline, _) in self._pending.items() if deadline <= now][:limit]
+        self._recovered.update(due)
         return [self._pending.pop(id)[1] for id in due]
 
     async def put_new(self, key: str, value: bytes, ttl: float) -> bytes | None:

@@ -28,16 +28,21 @@ class GuardedState:
         self.errors = errors_metric
         self._logged_at = -LOG_EVERY
 
-    def _failed(self, operation: str, exc: StateUnavailable, fallback_ok: bool) -> None:
+    def _count(self, operation: str, exc: StateUnavailable, consequence: str) -> None:
         self.errors.labels(operation).inc()
         now = time.monotonic()
         if now - self._logged_at >= LOG_EVERY:
             self._logged_at = now
-            admitted = "admitting requests (on_unavailable: open)" if self.fail_open and fallback_ok else "refusing"
-            log.error("shared state unavailable during %s, %s: %s", operation, admitted, exc)
-        if not (self.fail_open and fallback_ok):
-            if not fallback_ok:
-                raise exc
+            log.error("shared state unavailable during %s, %s: %s", operation, consequence, exc)
+
+    def _failed(self, operation: str, exc: StateUnavailable, decision: bool) -> None:
+        """Count and log; then, for a decision, refuse unless failing open. Bookkeeping
+        (`decision` false) re-raises for its caller to retry."""
+        if not decision:
+            self._count(operation, exc, "to be retried")
+            raise exc
+        self._count(operation, exc, "admitting (on_unavailable: open)" if self.fail_open else "refusing")
+        if not self.fail_open:
             raise GatewayError(
                 503, "The gateway's shared state is unavailable; try again shortly.", type="server_error",
                 code="state_unavailable", headers={"Retry-After": str(RETRY_AFTER)},
@@ -47,75 +52,73 @@ class GuardedState:
         try:
             return await self.inner.rate_limit(limits)
         except StateUnavailable as exc:
-            self._failed("rate_limit", exc, True)
+            self._failed("rate_limit", exc, decision=True)
             return [RateDecision(True, limit.limit, limit.limit, 0.0, 0.0) for limit in limits]
 
     async def reserve(self, reservations: list[Reservation], pending: Pending | None = None) -> int | None:
         try:
             return await self.inner.reserve(reservations, pending)
         except StateUnavailable as exc:
-            self._failed("reserve", exc, True)
+            self._failed("reserve", exc, decision=True)
             return None
 
-    async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> bool:
+    async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> str:
         try:
             return await self.inner.settle(adjustments, pending)
         except StateUnavailable as exc:
-            self._failed("settle", exc, False)
-            raise
+            self._failed("settle", exc, decision=False)
 
     async def claim_expired(self, limit: int = 100) -> list[dict]:
         try:
             return await self.inner.claim_expired(limit)
         except StateUnavailable as exc:
-            self._failed("claim_expired", exc, False)
-            raise
+            self._failed("claim_expired", exc, decision=False)
 
     async def put_new(self, key: str, value: bytes, ttl: float) -> bytes | None:
         try:
             return await self.inner.put_new(key, value, ttl)
         except StateUnavailable as exc:
-            self._failed("put_new", exc, True)
+            self._failed("put_new", exc, decision=True)
             return None
 
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         try:
             await self.inner.put(key, value, ttl)
         except StateUnavailable as exc:
-            self._failed("put", exc, True)
+            self._failed("put", exc, decision=True)
 
     async def load(self, key: str) -> bytes | None:
         try:
             return await self.inner.load(key)
         except StateUnavailable as exc:
-            self._failed("load", exc, True)
+            self._failed("load", exc, decision=True)
             return None
 
     async def delete(self, key: str) -> None:
         try:
             await self.inner.delete(key)
         except StateUnavailable as exc:
-            self._failed("delete", exc, True)
+            self._failed("delete", exc, decision=True)
 
     async def add(self, key: str, amount: float, ttl: float) -> float:
         try:
             return await self.inner.add(key, amount, ttl)
         except StateUnavailable as exc:
-            self._failed("add", exc, True)
+            self._failed("add", exc, decision=True)
             return 0.0
 
     async def get(self, key: str) -> float:
         try:
             return await self.inner.get(key)
         except StateUnavailable as exc:
-            self._failed("get", exc, True)
+            self._failed("get", exc, decision=True)
             return 0.0
 
     async def set(self, key: str, value: float, ttl: float) -> None:
         try:
             await self.inner.set(key, value, ttl)
         except StateUnavailable as exc:
-            self._failed("set", exc, True)
+            self._failed("set", exc, decision=True)
 
     async def ping(self) -> bool:
         return await self.inner.ping()

@@ -136,7 +136,7 @@ class CostPlugin:
         self.prices: dict[str, Price] = {}
         self.usage_log = None
         self._usage_target = ""
-        self.unsettled: list[tuple[list[Reservation], Pending, dict]] = []  # settlements to retry
+        self.unsettled: list[tuple[dict, float, dict]] = []  # (scratch, cost, usage record) to settle again
         self._sweeper: asyncio.Task | None = None
 
     @hookimpl
@@ -179,7 +179,7 @@ class CostPlugin:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-            await self.retry_settlements(gateway.state)
+            await self.retry_settlements(gateway.state, last=True)
         if self.usage_log not in (None, sys.stdout):
             self.usage_log.close()
         self.usage_log = None
@@ -233,14 +233,10 @@ class CostPlugin:
         outcome.cost_usd = cost
         record = self.usage_record(ctx, outcome, cost) if ctx.request is not None else None
         if scratch is not None:
-            # Settle the reservation to the real cost on every period at once (no limit applies).
-            settle = cost - scratch["reserved"]
-            adjustments = [Reservation(key, settle, None, ttl) for key, ttl in scratch["keys"]]
             try:
-                if not await ctx.gateway.state.settle(adjustments, scratch["pending"]):
-                    record["recovered_already"] = True  # billed at its worst case by a sweeper: not again
+                await self.settle(ctx.gateway.state, scratch, cost, record)
             except StateUnavailable:
-                self.unsettled.append((adjustments, scratch["pending"], record))
+                self.unsettled.append((scratch, cost, record))  # the sweeper retries; recorded once settled
                 return
         if record is not None:
             self.write(record)
@@ -304,16 +300,36 @@ class CostPlugin:
             except Exception:
                 log.exception("the sweep for unsettled reservations failed")
 
-    async def retry_settlements(self, state) -> None:
-        while self.unsettled:
-            adjustments, pending, record = self.unsettled[0]
-            try:
-                if not await state.settle(adjustments, pending):
-                    record["recovered_already"] = True
-            except StateUnavailable:
+    async def settle(self, state, scratch: dict, cost: float, record: dict) -> None:
+        """Replace the reservation with the real cost on every period at once (no limit applies)."""
+        keys, pending = scratch["keys"], scratch["pending"]
+        if pending.stored:
+            found = await state.settle([Reservation(key, cost - scratch["reserved"], None, ttl) for key, ttl in keys], pending)
+            if found == "settled":
                 return
+            if found == "recovered":
+                record["recovered_already"] = True  # billed at its worst case by a sweeper: not again
+                return
+        # Nothing reserved to replace (the state was unavailable under on_unavailable: open, or
+        # lost it): count the real cost.
+        await state.settle([Reservation(key, cost, None, ttl) for key, ttl in keys])
+
+    async def retry_settlements(self, state, last: bool = False) -> None:
+        while self.unsettled:
+            scratch, cost, record = self.unsettled[0]
+            try:
+                await self.settle(state, scratch, cost, record)
+            except StateUnavailable:
+                break
             self.unsettled.pop(0)
             self.write(record)
+        if last:
+            # Shutting down with the state still away: reservations it holds are recovered by
+            # another replica; the others would be lost, so they are written unsettled.
+            for scratch, cost, record in self.unsettled:
+                if not scratch["pending"].stored:
+                    self.write({**record, "unsettled": True})
+            self.unsettled.clear()
 
 
 BUDGET_NAMES = {"daily_usd": "daily", "monthly_usd": "monthly", "usd_per_minute": "per-minute"}

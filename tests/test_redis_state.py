@@ -135,3 +135,52 @@ async def test_replicas_agree_on_the_servers_clock(redis_server):
     finally:
         await one.close()
         await two.close()
+
+
+async def _usage_records(path, count: int) -> list[dict]:
+    deadline = asyncio.get_running_loop().time() + 15
+    while asyncio.get_running_loop().time() < deadline:
+        found = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.1)
+    return found
+
+
+@pytest.mark.parametrize("on_unavailable", ["closed", "open"])
+async def test_a_paid_call_is_recorded_once_when_redis_goes_away_mid_call(make_client, config_text, own_redis, fake_openai, tmp_path, on_unavailable):
+    usage = tmp_path / "usage.jsonl"
+    text = redis_config(
+        config_text, own_redis.url, "budget: {daily_usd: 10}", on_unavailable=on_unavailable,
+        extra=f"cost: {{usage_log: {usage}}}",
+    ).replace("on_unavailable:", "recovery_interval: 0.2, on_unavailable:")
+    client = await make_client(text)
+    fake_openai.delay = 0.5
+    call = asyncio.ensure_future(client.post(URL, json={"model": "dall-e-2", "prompt": "x", "size": "256x256"}, headers=AUTH))
+    while not fake_openai.requests:
+        await asyncio.sleep(0.01)
+    own_redis.stop()  # after the reservation, before the settlement
+    await images_body(await call)  # the client gets what was paid for
+    assert metric(client, "imgproxy_state_errors_total", operation="settle") == 1
+    assert not usage.exists() or usage.read_text() == ""  # not recorded until settled
+    own_redis.start()  # empty: it lost the reservation too
+    [record] = await _usage_records(usage, 1)
+    assert record["cost_usd"] == 0.016 and record["status"] == 200 and "recovered_already" not in record
+    assert await client.gateway.state.get(next(k for k in _spend_keys(client) if ":day:" in k)) == pytest.approx(0.016)
+    await asyncio.sleep(0.5)  # later sweeps write nothing more
+    assert len(usage.read_text().splitlines()) == 1
+
+
+async def test_open_admits_a_paid_call_while_redis_is_down_and_counts_it_when_back(make_client, config_text, own_redis, fake_openai, tmp_path):
+    usage = tmp_path / "usage.jsonl"
+    text = redis_config(
+        config_text, own_redis.url, "budget: {daily_usd: 10}", on_unavailable="open", extra=f"cost: {{usage_log: {usage}}}"
+    ).replace("on_unavailable:", "recovery_interval: 0.2, on_unavailable:")
+    client = await make_client(text)
+    own_redis.stop()
+    await images_body(await client.post(URL, json={"model": "dall-e-2", "prompt": "x", "size": "256x256"}, headers=AUTH))
+    assert metric(client, "imgproxy_state_errors_total", operation="reserve") == 1
+    own_redis.start()
+    [record] = await _usage_records(usage, 1)
+    assert record["cost_usd"] == 0.016
+    assert await client.gateway.state.get(next(k for k in _spend_keys(client) if ":day:" in k)) == pytest.approx(0.016)

@@ -90,15 +90,18 @@ async def test_a_pending_record_is_settled_once_or_claimed_once(state, clock):
     assert await state.reserve([spend], first) is None
     assert await state.reserve([spend], second) is None
     assert await state.claim_expired() == []  # not yet past the deadline
-    assert await state.settle([Reservation("spend:{team}:day", -1.5, None, 1000)], first) is True
+    assert first.stored and second.stored
+    assert await state.settle([Reservation("spend:{team}:day", -1.5, None, 1000)], first) == "settled"
     assert await state.get("spend:{team}:day") == 2.5
     clock.now += 31
     assert await state.claim_expired() == [{"request_id": "r2", "cost_usd": 2.0}]
     assert await state.claim_expired() == []  # each record goes to one claimer only
     # Settling a claimed record changes nothing: it was billed at its worst case.
-    assert await state.settle([Reservation("spend:{team}:day", -2.0, None, 1000)], second) is False
+    assert await state.settle([Reservation("spend:{team}:day", -2.0, None, 1000)], second) == "recovered"
     assert await state.get("spend:{team}:day") == 2.5
-    assert await state.settle([Reservation("spend:{team}:day", -2.0, None, 1000)], first) is False
+    lost = Pending("team", "id-never-stored", {}, deadline=30)
+    assert await state.settle([Reservation("spend:{team}:day", -2.0, None, 1000)], lost) == "missing"
+    assert await state.get("spend:{team}:day") == 2.5
 
 
 async def test_put_new_stores_once(state, clock):
