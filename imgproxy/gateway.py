@@ -34,7 +34,8 @@ class Shared:
         self.metrics = Metrics()
         self.in_flight = 0
         self.metrics.in_flight.set_function(lambda: self.in_flight)
-        self.state: State = make_state(config.state if config else StateConfig(), self.metrics)
+        self.state_config = config.state if config else StateConfig()
+        self.state: State = make_state(self.state_config, self.metrics)
         # Without a configured key, URLs are valid for this process only (said in the docs).
         self.signing_key = secrets.token_bytes(32)
 
@@ -44,6 +45,8 @@ class Gateway:
         self, config: Config, pm: pluggy.PluginManager, adapters: dict[str, type[Provider]], shared: Shared | None = None
     ) -> None:
         self.shared = shared or Shared(config)
+        if config.state != self.shared.state_config:
+            log.warning("the state section changed: it takes effect at the next restart")
         self.metrics = self.shared.metrics
         self.state = self.shared.state
         self.config = config

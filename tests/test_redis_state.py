@@ -184,3 +184,13 @@ async def test_open_admits_a_paid_call_while_redis_is_down_and_counts_it_when_ba
     [record] = await _usage_records(usage, 1)
     assert record["cost_usd"] == 0.016
     assert await client.gateway.state.get(next(k for k in _spend_keys(client) if ":day:" in k)) == pytest.approx(0.016)
+
+
+async def test_the_state_section_is_validated(config_text):
+    from imgproxy.config import ConfigError
+    from imgproxy.gateway import Gateway
+
+    with pytest.raises(ConfigError, match=r"state\.backend"):
+        await Gateway.load(text=config_text(extra="state: {backend: etcd}"), env={})
+    with pytest.raises(ConfigError, match=r"state\.url"):
+        await Gateway.load(text=config_text(extra="state: {backend: redis, url: 'http://127.0.0.1:6379'}"), env={})
