@@ -14,12 +14,12 @@ import yaml
 
 from .config import Config, StateConfig, parse_config, read_config_file
 from .forwarder import Upstream
+from .idempotency import Idempotency
 from .imagestore import FilesystemImageStore, UrlSigner
 from .metrics import Metrics
 from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
 from .routing import RoutingTable
-from .idempotency import Idempotency
 from .state import MemoryState, State
 from .state_guard import GuardedState
 
