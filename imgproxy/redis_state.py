@@ -258,7 +258,10 @@ class RedisState:
         return (await self._call(self._settle(keys=keys, args=args))).decode()
 
     async def claim_expired(self, limit: int = 100) -> list[dict]:
-        scopes = await self._call(self.redis.smembers(self.prefix + PENDING_SCOPES))
+        index = self.prefix + PENDING_SCOPES
+        if self._scopes_seen:  # restore the index if Redis restarted empty since it was written
+            await self._call(self.redis.sadd(index, *self._scopes_seen))
+        scopes = await self._call(self.redis.smembers(index))
         records = []
         for scope in sorted(s.decode() for s in scopes):
             keys = self._keys(self._pending_keys(scope))

@@ -194,3 +194,18 @@ async def test_the_state_section_is_validated(config_text):
         await Gateway.load(text=config_text(extra="state: {backend: etcd}"), env={})
     with pytest.raises(ConfigError, match=r"state\.url"):
         await Gateway.load(text=config_text(extra="state: {backend: redis, url: 'http://127.0.0.1:6379'}"), env={})
+
+
+async def test_pending_records_written_after_redis_restarted_empty_are_still_swept(own_redis):
+    from imgproxy.state import Pending, Reservation
+
+    backend = RedisState(own_redis.url, key_prefix="sweep:")
+    try:
+        spend = [Reservation("spend:{team}:day", 1.0, None, 100)]
+        assert await backend.reserve(spend, Pending("team", "before", {"request_id": "before"}, deadline=0)) is None
+        own_redis.stop()
+        own_redis.start()  # without persistence: the index of scopes with pending records is gone
+        assert await backend.reserve(spend, Pending("team", "after", {"request_id": "after"}, deadline=0)) is None
+        assert await backend.claim_expired() == [{"request_id": "after"}]
+    finally:
+        await backend.close()
