@@ -15,9 +15,10 @@ from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from .state import Pending, RateDecision, RateLimit, Reservation, StateUnavailable
 
@@ -191,10 +192,11 @@ class RedisState:
         self.prefix = key_prefix
         self.timeout = timeout
         self.clock = clock  # tests only: the scripts use the server's clock otherwise
-        # One quick retry on a fresh connection: after Redis restarts, pooled connections are dead.
+        # One quick retry on a fresh connection, for pooled connections that died with a Redis
+        # restart; none after a timeout, when the server may have run the script already.
         self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
-            health_check_interval=30,
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), health_check_interval=30,
         )
         self._scopes_seen: set[str] = set()
         register = self.redis.register_script
