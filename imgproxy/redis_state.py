@@ -199,6 +199,9 @@ class RedisState:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), health_check_interval=30,
         )
         self._scopes_seen: set[str] = set()
+        # Reservations whose script failed: after a timeout the server may still run it, so the
+        # next sweep undoes whatever of them did land (a refused request must not stay reserved).
+        self._uncertain: list[tuple[list[Reservation], Pending]] = []
         register = self.redis.register_script
         self._rate_limit, self._reserve, self._settle, self._claim = register(RATE_LIMIT), register(RESERVE), register(SETTLE), register(CLAIM)
         self._add, self._get, self._set = register(ADD), register(GET), register(SET)
@@ -248,7 +251,12 @@ class RedisState:
             await self._call(self.redis.sadd(self.prefix + PENDING_SCOPES, pending.scope))
             self._scopes_seen.add(pending.scope)
         keys, args = self._counter_args(reservations, pending)
-        failed = await self._call(self._reserve(keys=keys, args=args))
+        try:
+            failed = await self._call(self._reserve(keys=keys, args=args))
+        except StateUnavailable:
+            if pending is not None:
+                self._uncertain.append((reservations, pending))
+            raise
         if failed != 0:
             return failed - 1
         if pending is not None:
@@ -260,6 +268,10 @@ class RedisState:
         return (await self._call(self._settle(keys=keys, args=args))).decode()
 
     async def claim_expired(self, limit: int = 100) -> list[dict]:
+        while self._uncertain:
+            reservations, pending = self._uncertain[0]
+            await self.settle([Reservation(item.key, -item.amount, None, item.ttl) for item in reservations], pending)
+            self._uncertain.pop(0)
         index = self.prefix + PENDING_SCOPES
         if self._scopes_seen:  # restore the index if Redis restarted empty since it was written
             await self._call(self.redis.sadd(index, *self._scopes_seen))

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from imgproxy.redis_state import RedisState, masked_url
-from imgproxy.state import RateLimit
+from imgproxy.state import RateLimit, StateUnavailable
 from tests.conftest import AUTH, CLIENT_KEY, assert_error, images_body
 
 URL = "/v1/images/generations"
@@ -207,5 +207,32 @@ async def test_pending_records_written_after_redis_restarted_empty_are_still_swe
         own_redis.start()  # without persistence: the index of scopes with pending records is gone
         assert await backend.reserve(spend, Pending("team", "after", {"request_id": "after"}, deadline=0)) is None
         assert await backend.claim_expired() == [{"request_id": "after"}]
+    finally:
+        await backend.close()
+
+
+async def test_a_reservation_that_timed_out_but_landed_is_undone(own_redis):
+    """A script the client gave up on (timed out) can still run on the server: the next sweep undoes it,
+    or the refused request would stay reserved and later be billed by recovery."""
+    import redis as sync_redis
+
+    from imgproxy.state import Pending, Reservation
+
+    backend = RedisState(own_redis.url, key_prefix="uncertain:", timeout=0.2)
+    try:
+        spend = [Reservation("spend:{team}:day", 1.0, 10.0, 1000)]
+        await backend.reserve([Reservation("spend:{team}:day", 0.0, 10.0, 1000)], Pending("team", "warm", {}, deadline=1000))
+        # Another client keeps the server busy for a second (one long script).
+        busy = "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2] " \
+               "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 1200000 return 1"
+        with sync_redis.Redis.from_url(own_redis.url) as admin:
+            blocker = asyncio.get_running_loop().run_in_executor(None, admin.eval, busy, 0)
+            await asyncio.sleep(0.2)
+            with pytest.raises(StateUnavailable):
+                await backend.reserve(spend, Pending("team", "slow", {"request_id": "slow"}, deadline=0))
+            await blocker
+        assert await backend.get("spend:{team}:day") == 1.0  # it ran after the client gave up
+        assert await backend.claim_expired() == []  # the sweep undid it instead of billing it
+        assert await backend.get("spend:{team}:day") == 0.0
     finally:
         await backend.close()
