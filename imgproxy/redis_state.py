@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .state import Pending, RateDecision, RateLimit, Reservation, StateUnavailable
 
@@ -164,6 +165,7 @@ return 1
 """
 
 PENDING_SCOPES = "pending-scopes"  # an index of the scopes that have had pending records
+MAX_UNCERTAIN = 10_000  # timed-out reservations kept to undo (past that, recovery bills them)
 
 
 def masked_url(url: str) -> str:
@@ -220,7 +222,9 @@ class RedisState:
             async with asyncio.timeout(self.timeout * 4):
                 return await operation
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StateUnavailable(f"redis at {self.url}: {type(exc).__name__}: {exc}") from None
+            error = StateUnavailable(f"redis at {self.url}: {type(exc).__name__}: {exc}")
+            error.timed_out = isinstance(exc, (TimeoutError, RedisTimeoutError))  # sent, perhaps run
+            raise error from None
 
     async def rate_limit(self, limits: list[RateLimit]) -> list[RateDecision]:
         args: list = [self._now()]
@@ -253,8 +257,8 @@ class RedisState:
         keys, args = self._counter_args(reservations, pending)
         try:
             failed = await self._call(self._reserve(keys=keys, args=args))
-        except StateUnavailable:
-            if pending is not None:
+        except StateUnavailable as exc:
+            if pending is not None and exc.timed_out and len(self._uncertain) < MAX_UNCERTAIN:
                 self._uncertain.append((reservations, pending))
             raise
         if failed != 0:

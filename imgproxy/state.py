@@ -58,6 +58,8 @@ class Pending:
 class StateUnavailable(Exception):
     """The backend could not be reached or did not answer in time."""
 
+    timed_out = False  # True when the operation may have run on the server all the same
+
 
 class State(Protocol):
     async def rate_limit(self, limits: list[RateLimit]) -> list[RateDecision]:
