@@ -92,6 +92,24 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    backend: str = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "imgproxy:"
+    on_unavailable: str = "closed"
+    timeout: float = 0.5
+    recovery_interval: float = 10.0
+    recovery_margin: float = 60.0
+
+
+@dataclass(frozen=True)
+class IdempotencyConfig:
+    ttl: float = 86400.0
+    wait: float = 10.0
+    max_answer_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     server: ServerConfig
@@ -102,6 +120,8 @@ class Config:
     logging: LoggingConfig
     default_model: str | None
     user_hash_key: bytes
+    state: StateConfig
+    idempotency: IdempotencyConfig
     # Every top-level section as written (after substitution), for plugins to read their own.
     sections: dict
     # The ${VAR}s each dotted key path referenced, so errors can name a variable, not its value.
@@ -232,6 +252,8 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         logging=LoggingConfig(**raw.get("logging", {})),
         default_model=default_model,
         user_hash_key=raw.get("privacy", {}).get("user_hash_key", "").encode(),
+        state=StateConfig(**raw.get("state", {})),
+        idempotency=IdempotencyConfig(**raw.get("idempotency", {})),
         sections=raw,
         env_refs=refs,
     )

@@ -5,30 +5,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 
 import pluggy
 import yaml
 
-from .config import Config, parse_config, read_config_file
+from .config import Config, StateConfig, parse_config, read_config_file
 from .forwarder import Upstream
+from .idempotency import Idempotency
 from .imagestore import FilesystemImageStore, UrlSigner
 from .metrics import Metrics
 from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
 from .routing import RoutingTable
 from .state import MemoryState, State
+from .state_guard import GuardedState
+
+log = logging.getLogger("imgproxy.state")
 
 
 class Shared:
-    """What outlives a config reload: metrics, limiter and spend state, the fallback URL key."""
+    """What outlives a config reload: metrics, limiter and spend state, the fallback URL key.
+    The state backend is chosen by the first config; changing it takes a restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: Config | None = None) -> None:
         self.metrics = Metrics()
         self.in_flight = 0
         self.metrics.in_flight.set_function(lambda: self.in_flight)
-        self.state: State = MemoryState()
+        self.state_config = config.state if config else StateConfig()
+        self.state: State = make_state(self.state_config, self.metrics)
         # Without a configured key, URLs are valid for this process only (said in the docs).
         self.signing_key = secrets.token_bytes(32)
 
@@ -37,10 +44,13 @@ class Gateway:
     def __init__(
         self, config: Config, pm: pluggy.PluginManager, adapters: dict[str, type[Provider]], shared: Shared | None = None
     ) -> None:
-        self.shared = shared or Shared()
+        self.shared = shared or Shared(config)
+        if config.state != self.shared.state_config:
+            log.warning("the state section changed: it takes effect at the next restart")
         self.metrics = self.shared.metrics
         self.state = self.shared.state
         self.config = config
+        self.idempotency = Idempotency(self.state, config.idempotency)
         self.pm = pm
         self.hooks = Hooks(pm)
         self.routing = RoutingTable(config)
@@ -107,6 +117,16 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.upstream.close()
+
+
+def make_state(config: StateConfig, metrics: Metrics) -> State:
+    if config.backend == "memory":
+        return MemoryState()
+    from .redis_state import RedisState  # only deployments that use Redis need the package
+
+    backend = RedisState(config.url, config.key_prefix, config.timeout)
+    log.info("state backend: redis at %s, on_unavailable %s", backend.url, config.on_unavailable)
+    return GuardedState(backend, config.on_unavailable, metrics.state_errors)
 
 
 def _plugin_lists(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -71,6 +71,9 @@ class Metrics:
         self.config_loaded = Gauge(
             "imgproxy_config_last_reload_success_timestamp_seconds", "When the running config was loaded.", registry=registry
         )
+        self.state_errors = Counter(
+            "imgproxy_state_errors", "Shared-state operations that failed (Redis unreachable or too slow).", ["operation"], registry=registry
+        )
         self.build_info = Gauge("imgproxy_build_info", "Always 1; labels say what is running.", ["version", "python"], registry=registry)
         self.build_info.labels(__version__, platform.python_version()).set(1)
         for operation in ("put", "get", "sweep"):

@@ -22,17 +22,24 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
     # Authentication comes first so that anonymous callers can neither probe the model table
     # nor make the gateway read and validate their bodies.
     ctx.identity = await authenticate(ctx)
+    response = None
     try:
         ctx.body = await read_json_body(ctx.http, ctx.gateway.config.server.max_body_bytes)
         check_schema(ctx.body)
         ctx.route = ctx.gateway.routing.resolve(requested_model(ctx))
         ctx.request = check_capabilities(ctx.body, ctx.route)
+        # A retry with the same Idempotency-Key gets the first answer: no limits, no upstream call.
+        replay = await ctx.gateway.idempotency.begin(ctx)
+        if replay is not None:
+            ctx.outcome.status = replay.status
+            return replay
         await check_request(ctx)
         response = await call_provider(ctx)
         ctx.outcome.status = response.status
         return response
     except GatewayError as error:
         ctx.outcome.status, ctx.outcome.error_code = error.status, error.code
+        response = error.to_response()
         raise
     except asyncio.CancelledError:
         ctx.outcome.status, ctx.outcome.error_code = 499, "client_closed_request"
@@ -41,6 +48,7 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
         ctx.outcome.status, ctx.outcome.error_code = 500, "internal_error"
         raise
     finally:
+        await ctx.gateway.idempotency.finish(ctx, response)
         await record_usage(ctx)
 
 

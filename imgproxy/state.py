@@ -1,7 +1,9 @@
-"""Shared state for policy plugins (rate limits, budgets, violation counters).
+"""Shared state for policy plugins (rate limits, budgets, violation counters, pending
+reservations) and for idempotency records.
 
-Every operation is atomic on its own, so the same algorithms can run in Redis (as Lua
-scripts) when several replicas must share limits. `MemoryState` keeps it in this process.
+Every operation is atomic on its own, so the same algorithms run in Redis (as Lua scripts,
+imgproxy/redis_state.py) when several replicas must share limits. `MemoryState` keeps it in
+this process. Keys that one call uses together share a `{scope}` (a Redis Cluster hash tag).
 """
 
 from __future__ import annotations
@@ -41,12 +43,48 @@ class Reservation:
     ttl: float
 
 
+@dataclass(slots=True)
+class Pending:
+    """A durable trace of a paid upstream call in progress: `record` (JSON-ready) stays in the
+    state until settled, or until `deadline` seconds have passed and a sweeper claims it."""
+
+    scope: str  # the `{scope}` of the reservation keys it goes with
+    id: str
+    record: dict
+    deadline: float
+    stored: bool = False  # set by the backend once the reservation holds it
+
+
+class StateUnavailable(Exception):
+    """The backend could not be reached or did not answer in time."""
+
+    timed_out = False  # True when the operation may have run on the server all the same
+
+
 class State(Protocol):
     async def rate_limit(self, limits: list[RateLimit]) -> list[RateDecision]:
         """GCRA over several limits at once: all are charged, or (if any refuses) none."""
 
-    async def reserve(self, reservations: list[Reservation]) -> int | None:
-        """Apply all reservations, or none: returns None, or the index of the first that failed."""
+    async def reserve(self, reservations: list[Reservation], pending: Pending | None = None) -> int | None:
+        """Apply all reservations, or none: returns None, or the index of the first that failed.
+        With `pending`, its record is stored in the same atomic step."""
+
+    async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> str:
+        """Apply adjustments (no limit) and drop the pending record, in one step: "settled".
+        Nothing changes when the record is gone: "recovered" (a sweeper claimed it) or "missing"
+        (the state lost it, say a Redis restarted without persistence)."""
+
+    async def claim_expired(self, limit: int = 100) -> list[dict]:
+        """Remove and return pending records past their deadline; each goes to one caller only."""
+
+    async def put_new(self, key: str, value: bytes, ttl: float) -> bytes | None:
+        """Store `value` unless the key exists: None when stored, else the value already there."""
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def load(self, key: str) -> bytes | None: ...
+
+    async def delete(self, key: str) -> None: ...
 
     async def add(self, key: str, amount: float, ttl: float) -> float:
         """Add to a counter (created with `ttl` seconds to live) and return its new value."""
@@ -71,6 +109,9 @@ class MemoryState:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._data: dict[str, tuple[float, float]] = {}  # key -> (value, expires_at)
+        self._blobs: dict[str, tuple[bytes, float]] = {}
+        self._pending: dict[str, tuple[float, dict]] = {}  # id -> (deadline, record)
+        self._recovered: set[str] = set()
         self._writes = 0
 
     def _get(self, key: str, now: float) -> float:
@@ -85,6 +126,7 @@ class MemoryState:
         if self._writes % self.PURGE_EVERY == 0:
             now = self.clock()
             self._data = {k: v for k, v in self._data.items() if v[1] > now}
+            self._blobs = {k: v for k, v in self._blobs.items() if v[1] > now}
 
     async def rate_limit(self, limits: list[RateLimit]) -> list[RateDecision]:
         now = self.clock()
@@ -99,7 +141,7 @@ class MemoryState:
             for limit, (_, decision) in zip(limits, planned)
         ]
 
-    async def reserve(self, reservations: list[Reservation]) -> int | None:
+    async def reserve(self, reservations: list[Reservation], pending: Pending | None = None) -> int | None:
         now = self.clock()
         for index, item in enumerate(reservations):
             if item.limit is not None and self._get(item.key, now) + item.amount > item.limit + 1e-9:
@@ -109,7 +151,39 @@ class MemoryState:
             if entry is None or entry[1] <= now:
                 entry = (0.0, now + item.ttl)
             self._put(item.key, entry[0] + item.amount, entry[1])
+        if pending is not None:
+            self._pending[pending.id] = (now + pending.deadline, pending.record)
+            pending.stored = True
         return None
+
+    async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> str:
+        if pending is not None and self._pending.pop(pending.id, None) is None:
+            return "recovered" if pending.id in self._recovered else "missing"
+        await self.reserve([replace(item, limit=None) for item in adjustments])
+        return "settled"
+
+    async def claim_expired(self, limit: int = 100) -> list[dict]:
+        now = self.clock()
+        due = [id for id, (deadline, _) in self._pending.items() if deadline <= now][:limit]
+        self._recovered.update(due)
+        return [self._pending.pop(id)[1] for id in due]
+
+    async def put_new(self, key: str, value: bytes, ttl: float) -> bytes | None:
+        entry = self._blobs.get(key)
+        if entry is not None and entry[1] > self.clock():
+            return entry[0]
+        await self.put(key, value, ttl)
+        return None
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        self._blobs[key] = (value, self.clock() + ttl)
+
+    async def load(self, key: str) -> bytes | None:
+        entry = self._blobs.get(key)
+        return entry[0] if entry is not None and entry[1] > self.clock() else None
+
+    async def delete(self, key: str) -> None:
+        self._blobs.pop(key, None)
 
     async def add(self, key: str, amount: float, ttl: float) -> float:
         now = self.clock()
@@ -131,6 +205,7 @@ class MemoryState:
 
     async def close(self) -> None:
         self._data.clear()
+        self._blobs.clear()
 
 
 def gcra(stored_tat: float, limit: RateLimit, now: float) -> tuple[float, RateDecision]:

@@ -5,12 +5,24 @@ daily, monthly and per-minute spend (refused with 429 `insufficient_quota` if a 
 be crossed); afterwards the reservation is settled to what was really generated: images
 returned times their price, or the upstream's token `usage`. Every finished request is
 written as a usage record (JSON lines) for billing export.
+
+The reservation is durable: a pending record (request id, key, model, worst case, time) is
+stored with it in the state and dropped when it is settled. A replica that dies mid-call
+leaves its records behind; once past the model's timeout plus `state.recovery_margin`, any
+live replica's sweeper claims each (one replica only) and writes it as a usage record at its
+worst case, marked `"settled_by": "recovery"`. A settlement that cannot reach the state is
+kept and retried by the sweeper; its usage record is written once it is settled.
+
+Usage records are JSON lines; each is flushed to the operating system as it is written (it
+survives the process dying, not the machine: there is no fsync per record).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +31,7 @@ from functools import lru_cache
 
 from imgproxy.errors import GatewayError
 from imgproxy.hookspecs import hookimpl
-from imgproxy.state import Reservation
+from imgproxy.state import Pending, Reservation, StateUnavailable
 
 log = logging.getLogger("imgproxy.cost")
 
@@ -124,6 +136,8 @@ class CostPlugin:
         self.prices: dict[str, Price] = {}
         self.usage_log = None
         self._usage_target = ""
+        self.unsettled: list[tuple[dict, float, dict]] = []  # (scratch, cost, usage record) to settle again
+        self._sweeper: asyncio.Task | None = None
 
     @hookimpl
     def imgproxy_key_schema(self):
@@ -158,9 +172,14 @@ class CostPlugin:
             self.usage_log = sys.stdout
         elif self._usage_target:
             self.usage_log = open(self._usage_target, "a", encoding="utf-8")  # noqa: SIM115 (closed at shutdown)
+        self._sweeper = asyncio.create_task(self.recover_forever(gateway))
 
     @hookimpl
-    def imgproxy_shutdown(self, gateway):
+    async def imgproxy_shutdown(self, gateway):
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+            await self.retry_settlements(gateway.state, last=True)
         if self.usage_log not in (None, sys.stdout):
             self.usage_log.close()
         self.usage_log = None
@@ -177,7 +196,10 @@ class CostPlugin:
         budget = ctx.identity.settings.get("budget", {})
         periods = spend_periods(ctx.identity.name, int(time.time() // 60))
         reservations = [Reservation(key, worst, budget.get(setting), ttl) for setting, key, ttl, _ in periods]
-        failed = await ctx.gateway.state.reserve(reservations)
+        model = ctx.route.model
+        deadline = (model.timeout or ctx.route.provider.total_timeout) + ctx.gateway.config.state.recovery_margin
+        pending = Pending(ctx.identity.name, os.urandom(12).hex(), self.pending_record(ctx, worst), deadline)
+        failed = await ctx.gateway.state.reserve(reservations, pending)
         if failed is not None:
             setting, key, _, resets = periods[failed]
             spent = await ctx.gateway.state.get(key)
@@ -188,7 +210,7 @@ class CostPlugin:
                 type="insufficient_quota",
                 code="insufficient_quota",
             )
-        ctx.scratch["cost"] = {"reserved": worst, "keys": [(key, ttl) for _, key, ttl, _ in periods]}
+        ctx.scratch["cost"] = {"reserved": worst, "keys": [(key, ttl) for _, key, ttl, _ in periods], "pending": pending}
         if not price.per_token:
             ctx.response_headers["x-imgproxy-cost-usd"] = usd(images_cost)
 
@@ -208,12 +230,16 @@ class CostPlugin:
             cost = scratch.get("actual")
             if cost is None:
                 cost = self.cost(ctx, outcome.images, outcome.usage, ctx.request.quality, ctx.request.size)
-            # Settle the reservation to the real cost on every period at once (no limit applies).
-            settle = cost - scratch["reserved"]
-            await ctx.gateway.state.reserve([Reservation(key, settle, None, ttl) for key, ttl in scratch["keys"]])
         outcome.cost_usd = cost
-        if self.usage_log is not None and ctx.request is not None:
-            self.write_record(ctx, outcome, cost)
+        record = self.usage_record(ctx, outcome, cost) if ctx.request is not None else None
+        if scratch is not None:
+            try:
+                await self.settle(ctx.gateway.state, scratch, cost, record)
+            except StateUnavailable:
+                self.unsettled.append((scratch, cost, record))  # the sweeper retries; recorded once settled
+                return
+        if record is not None:
+            self.write(record)
 
     def cost(self, ctx, images: int, usage: dict | None, quality: str | None, size: str | None) -> float:
         price = self.prices[ctx.route.model.name]
@@ -221,8 +247,8 @@ class CostPlugin:
             return price.tokens(usage)
         return images * price.image(quality, size)
 
-    def write_record(self, ctx, outcome, cost: float) -> None:
-        record = {
+    def usage_record(self, ctx, outcome, cost: float) -> dict:
+        return {
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": ctx.request_id,
             "key": ctx.identity.name,
@@ -238,8 +264,72 @@ class CostPlugin:
             "error": outcome.error_code,
             "user": ctx.user_hash,
         }
-        self.usage_log.write(json.dumps(record) + "\n")
-        self.usage_log.flush()
+
+    def pending_record(self, ctx, worst: float) -> dict:
+        """What is written if this request's replica dies before settling it."""
+        return {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "request_id": ctx.request_id,
+            "key": ctx.identity.name,
+            "model": ctx.route.model.name,
+            "provider": ctx.route.provider.name,
+            "n": ctx.request.n,
+            "size": ctx.request.size,
+            "quality": ctx.request.quality,
+            "cost_usd": round(worst, 6),
+            "user": ctx.user_hash,
+        }
+
+    def write(self, record: dict) -> None:
+        if self.usage_log is not None:
+            self.usage_log.write(json.dumps(record) + "\n")
+            self.usage_log.flush()
+
+    async def recover_forever(self, gateway) -> None:
+        interval = gateway.config.state.recovery_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.retry_settlements(gateway.state)
+                for record in await gateway.state.claim_expired():
+                    log.warning("request %s of key %s was never settled (its replica stopped): billed at its worst case $%s",
+                                record.get("request_id"), record.get("key"), record.get("cost_usd"))
+                    self.write({**record, "settled_by": "recovery", "recovered_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")})
+            except StateUnavailable:
+                pass  # logged and counted by the state guard; the next sweep tries again
+            except Exception:
+                log.exception("the sweep for unsettled reservations failed")
+
+    async def settle(self, state, scratch: dict, cost: float, record: dict) -> None:
+        """Replace the reservation with the real cost on every period at once (no limit applies)."""
+        keys, pending = scratch["keys"], scratch["pending"]
+        if pending.stored:
+            found = await state.settle([Reservation(key, cost - scratch["reserved"], None, ttl) for key, ttl in keys], pending)
+            if found == "settled":
+                return
+            if found == "recovered":
+                record["recovered_already"] = True  # billed at its worst case by a sweeper: not again
+                return
+        # Nothing reserved to replace (the state was unavailable under on_unavailable: open, or
+        # lost it): count the real cost.
+        await state.settle([Reservation(key, cost, None, ttl) for key, ttl in keys])
+
+    async def retry_settlements(self, state, last: bool = False) -> None:
+        while self.unsettled:
+            scratch, cost, record = self.unsettled[0]
+            try:
+                await self.settle(state, scratch, cost, record)
+            except StateUnavailable:
+                break
+            self.unsettled.pop(0)
+            self.write(record)
+        if last:
+            # Shutting down with the state still away: reservations it holds are recovered by
+            # another replica; the others would be lost, so they are written unsettled.
+            for scratch, cost, record in self.unsettled:
+                if not scratch["pending"].stored:
+                    self.write({**record, "unsettled": True})
+            self.unsettled.clear()
 
 
 BUDGET_NAMES = {"daily_usd": "daily", "monthly_usd": "monthly", "usd_per_minute": "per-minute"}
@@ -255,9 +345,9 @@ def spend_periods(key_name: str, epoch_minute: int) -> tuple[tuple[str, str, flo
     next_month = (month + timedelta(days=32)).replace(day=1)
     stamp = "%Y-%m-%dT%H:%M:%SZ"
     return (
-        ("daily_usd", f"spend:{key_name}:day:{day:%Y-%m-%d}", 2 * 86400, (day + timedelta(days=1)).strftime(stamp)),
-        ("monthly_usd", f"spend:{key_name}:month:{month:%Y-%m}", 40 * 86400, next_month.strftime(stamp)),
-        ("usd_per_minute", f"spend:{key_name}:minute:{minute:%Y-%m-%dT%H:%M}", 120, (minute + timedelta(minutes=1)).strftime(stamp)),
+        ("daily_usd", f"spend:{{{key_name}}}:day:{day:%Y-%m-%d}", 2 * 86400, (day + timedelta(days=1)).strftime(stamp)),
+        ("monthly_usd", f"spend:{{{key_name}}}:month:{month:%Y-%m}", 40 * 86400, next_month.strftime(stamp)),
+        ("usd_per_minute", f"spend:{{{key_name}}}:minute:{minute:%Y-%m-%dT%H:%M}", 120, (minute + timedelta(minutes=1)).strftime(stamp)),
     )
 
 

@@ -41,7 +41,7 @@ class RateLimitPlugin:
         limits, kinds = [], []
         for kind, setting, cost in (("requests", "requests_per_minute", 1), ("images", "images_per_minute", ctx.request.n)):
             if setting in settings:
-                limits.append(RateLimit(f"ratelimit:{kind}:{scope}", settings[setting], PERIOD, cost))
+                limits.append(RateLimit(f"ratelimit:{{{scope}}}:{kind}", settings[setting], PERIOD, cost))
                 kinds.append(kind)
         if not limits:
             return

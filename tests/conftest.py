@@ -187,3 +187,23 @@ async def download(client, url: str):
     """GET an absolute URL the gateway returned (it points at the gateway itself)."""
     assert url.startswith(str(client.make_url("/"))), url
     return await client.session.get(url)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the session; tests keep apart by key prefix."""
+    from tests.redisserver import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, to stop and start."""
+    from tests.redisserver import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()

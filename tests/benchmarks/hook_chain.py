@@ -1,11 +1,13 @@
 """Microbenchmark: one request through the whole built-in hook chain, against an empty chain.
 
-    python -m tests.benchmarks.hook_chain [--requests 20000] [--rounds 5]
+    python -m tests.benchmarks.hook_chain [--requests 20000] [--rounds 5] [--state redis://127.0.0.1:6379/0]
 
 Both gateways run the same core calls (authenticate, the three request checks, rewrite_response,
 record_usage) on the same request; the full one has every built-in plugin enabled with a
 named key that has model globs, moderation rules, rate limits and budgets, and the in-memory
-state backend. Rounds alternate (full, empty, full, empty, …); the medians are reported.
+state backend (or, with --state, Redis at that URL: then each request makes three round
+trips, rate limit, reserve and settle, and the per-request latencies' p50 is reported too).
+Rounds alternate (full, empty, full, empty, …); the medians are reported.
 """
 
 from __future__ import annotations
@@ -63,34 +65,49 @@ async def one_request(gateway: Gateway, http, body: dict) -> None:
     await record_usage(ctx)
 
 
-async def per_request_seconds(gateway: Gateway, http, requests: int) -> float:
+async def per_request_seconds(gateway: Gateway, http, requests: int, latencies: list | None = None) -> float:
     started = time.perf_counter()
     for _ in range(requests):
-        await one_request(gateway, http, dict(BODY))
+        if latencies is not None:
+            one = time.perf_counter()
+            await one_request(gateway, http, dict(BODY))
+            latencies.append(time.perf_counter() - one)
+        else:
+            await one_request(gateway, http, dict(BODY))
     return (time.perf_counter() - started) / requests
 
 
-async def main(requests: int, rounds: int) -> dict:
-    full = await Gateway.load(text=FULL, env={})
+async def main(requests: int, rounds: int, state_url: str | None = None) -> dict:
+    state = f"state: {{backend: redis, url: '{state_url}', key_prefix: 'bench-{time.time_ns()}:'}}\n" if state_url else ""
+    full = await Gateway.load(text=FULL + state, env={})
     empty = await Gateway.load(text=EMPTY, env={})
     http = make_mocked_request("POST", "/v1/images/generations", headers={"Authorization": f"Bearer {KEY}", "Host": "bench"})
     await per_request_seconds(full, http, 500)  # warm-up
     await per_request_seconds(empty, http, 500)
     times = {"full": [], "empty": []}
+    latencies: list[float] = []
     for _ in range(rounds):
-        times["full"].append(await per_request_seconds(full, http, requests))
+        times["full"].append(await per_request_seconds(full, http, requests, latencies if state_url else None))
         times["empty"].append(await per_request_seconds(empty, http, requests))
     full_us, empty_us = (statistics.median(times[k]) * 1e6 for k in ("full", "empty"))
-    return {"full_us": full_us, "empty_us": empty_us, "chain_us": full_us - empty_us, "rounds": times}
+    await full.state.close()
+    result = {"full_us": full_us, "empty_us": empty_us, "chain_us": full_us - empty_us, "rounds": times}
+    if latencies:
+        result["full_p50_us"] = statistics.median(latencies) * 1e6
+        result["full_p99_us"] = statistics.quantiles(latencies, n=100)[98] * 1e6
+    return result
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--state", help="a Redis URL: the full chain uses the Redis state backend")
     args = parser.parse_args()
-    result = asyncio.run(main(args.requests, args.rounds))
+    result = asyncio.run(main(args.requests, args.rounds, args.state))
     print(f"per request, median of {args.rounds} interleaved rounds of {args.requests}:")
     print(f"  empty hook chain (core path only): {result['empty_us']:7.1f} us")
     print(f"  full built-in chain:               {result['full_us']:7.1f} us")
     print(f"  the chain's own cost:              {result['chain_us']:7.1f} us  (ratio {result['full_us'] / result['empty_us']:.2f}x)")
+    if "full_p50_us" in result:
+        print(f"  full chain on Redis, per request:   p50 {result['full_p50_us']:7.1f} us, p99 {result['full_p99_us']:7.1f} us")
