@@ -11,7 +11,7 @@ import secrets
 import pluggy
 import yaml
 
-from .config import Config, parse_config, read_config_file
+from .config import Config, ConfigError, parse_config, read_config_file, without_values
 from .forwarder import Upstream
 from .imagestore import FilesystemImageStore, UrlSigner
 from .metrics import Metrics
@@ -75,7 +75,10 @@ class Gateway:
             sections.update(contributed or {})
         config = parse_config(text, source=source, env=env, extra_sections=sections, provider_types=adapters)
         gateway = cls(config, pm, adapters, shared)
-        await gateway.hooks.each("imgproxy_configure", gateway=gateway)
+        try:
+            await gateway.hooks.each("imgproxy_configure", gateway=gateway)
+        except ConfigError as exc:  # a plugin's own check: it may quote a value from the environment
+            raise without_values(exc, config.refs, os.environ if env is None else env) from None
         return gateway
 
     # Requests in flight on this gateway: a reload closes it only after them, and the
