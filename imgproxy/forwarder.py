@@ -16,6 +16,7 @@ from .config import ProviderConfig
 from .errors import GatewayError, upstream_error
 from .inline_images import InlineImageError, InlineImageReader
 from .messages import RequestContext, StreamedReply
+from .redaction import redact
 
 log = logging.getLogger("imgproxy.upstream")
 
@@ -114,7 +115,7 @@ class Upstream:
         """Download an image a provider pointed at, only from that provider's own hosts."""
         parts = urlsplit(url)
         if parts.scheme not in ("https", "http") or not parts.hostname or not provider.allows_image_host(parts.hostname):
-            log.warning("refused to fetch an image from %r for provider %s", parts.hostname, provider.name)
+            log.warning("refused to fetch an image from %s for provider %s", redact(repr(parts.hostname), (provider.api_key,)), provider.name)
             raise upstream_error(
                 f"The provider '{provider.name}' returned an image URL on a host it is not allowed to use.",
                 code="upstream_bad_response",
@@ -160,8 +161,22 @@ def failure(exc: BaseException, provider: ProviderConfig, timeout: float | None)
     if isinstance(exc, aiohttp.ClientConnectorError):
         log.warning("cannot connect to provider %s: %s", provider.name, exc.os_error)
         return upstream_error(f"Could not connect to the provider '{provider.name}'.", code="upstream_unavailable")
-    log.warning("provider %s broke off its answer: %r", provider.name, exc)
+    log.warning("provider %s broke off its answer: %s", provider.name, describe(exc))
     return upstream_error(f"The provider '{provider.name}' closed the connection before a complete answer.", code="upstream_bad_response")
+
+
+def describe(exc: BaseException) -> str:
+    """An aiohttp failure for a log line: its class, status and host. Never its repr or str:
+    those of ClientResponseError and TooManyRedirects carry the request with its headers
+    (the provider key) and the upstream's own words."""
+    parts = [type(exc).__name__]
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        parts.append(f"status {status}")
+    host = getattr(getattr(getattr(exc, "request_info", None), "url", None), "host", None)
+    if isinstance(host, str):
+        parts.append(f"host {host}")
+    return ", ".join(parts)
 
 
 async def _limited_chunks(resp: aiohttp.ClientResponse, limit: int, what: str = "answer"):

@@ -12,7 +12,7 @@ import time
 
 from ..errors import GatewayError, upstream_error
 from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext
-from .base import Provider, log
+from .base import Provider, log, plain_word
 
 STEPS = {"standard": 30, "hd": 50}
 STYLE_PRESETS = {"vivid": "enhance", "natural": "photographic"}
@@ -80,8 +80,9 @@ class StabilityProvider(Provider):
         return ImagesResult(created=int(time.time()), images=images, filtered=filtered)
 
     def map_error(self, status: int, body: dict) -> GatewayError:
-        name = body.get("name") if isinstance(body.get("name"), str) else None
-        message = self.redact(str(body.get("message") or f"HTTP {status}"))
+        """Our error rebuilt from the status, `name` and a redacted `message`; nothing else."""
+        name = plain_word(body.get("name"))
+        message = self.upstream_message(body.get("message"), status)
         if status in (401, 403):
             return self.credentials_rejected(status)
         if status == 400 and name == "invalid_prompts":
