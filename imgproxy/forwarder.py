@@ -171,7 +171,7 @@ def describe(exc: BaseException) -> str:
     (the provider key) and the upstream's own words."""
     parts = [type(exc).__name__]
     status = getattr(exc, "status", None)
-    if isinstance(status, int):
+    if isinstance(status, int) and status:
         parts.append(f"status {status}")
     host = getattr(getattr(getattr(exc, "request_info", None), "url", None), "host", None)
     if isinstance(host, str):

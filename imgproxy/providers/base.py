@@ -23,10 +23,6 @@ _PLAIN_WORD = re.compile(r"[a-z0-9_.-]{1,64}")
 REQUEST_PARAMS = frozenset(schemafiles.load("image-generation-request.schema.json")["properties"])
 
 
-def plain_word(value) -> str | None:
-    return value if isinstance(value, str) and _PLAIN_WORD.fullmatch(value) else None
-
-
 def request_param(value) -> str | None:
     return value if isinstance(value, str) and value in REQUEST_PARAMS else None
 
@@ -87,6 +83,12 @@ class Provider:
         """Upstream text that may reach a client or a log line: no trace of the provider key
         or of anything shaped like a credential, and bounded (see imgproxy.redaction)."""
         return redact(str(text), (self.config.api_key,))
+
+    def plain_word(self, value) -> str | None:
+        """An upstream's `code` or `type` if it is a short plain word with nothing of a key in it."""
+        if isinstance(value, str) and _PLAIN_WORD.fullmatch(value) and self.redact(value) == value:
+            return value
+        return None
 
     def upstream_message(self, message, status: int) -> str:
         """An upstream error's message, fit to show: a string, redacted; else a neutral one."""

@@ -6,7 +6,7 @@ import re
 
 from ..errors import GatewayError, upstream_error
 from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply
-from .base import Provider, log, plain_word, request_param
+from .base import Provider, log, request_param
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 POLICY_CODES = {"content_policy_violation", "moderation_blocked"}
@@ -116,7 +116,7 @@ class OpenAIProvider(Provider):
         """Our error rebuilt from the status and the known fields of OpenAI's error body; no
         other part of the body reaches the client (it may echo the key)."""
         error = body.get("error") if isinstance(body.get("error"), dict) else {}
-        code, kind = plain_word(error.get("code")), plain_word(error.get("type"))
+        code, kind = self.plain_word(error.get("code")), self.plain_word(error.get("type"))
         message = self.upstream_message(error.get("message"), status)
         if status in (401, 403):
             return self.credentials_rejected(status)

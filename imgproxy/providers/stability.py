@@ -12,7 +12,7 @@ import time
 
 from ..errors import GatewayError, upstream_error
 from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext
-from .base import Provider, log, plain_word
+from .base import Provider, log
 
 STEPS = {"standard": 30, "hd": 50}
 STYLE_PRESETS = {"vivid": "enhance", "natural": "photographic"}
@@ -81,7 +81,7 @@ class StabilityProvider(Provider):
 
     def map_error(self, status: int, body: dict) -> GatewayError:
         """Our error rebuilt from the status, `name` and a redacted `message`; nothing else."""
-        name = plain_word(body.get("name"))
+        name = self.plain_word(body.get("name"))
         message = self.upstream_message(body.get("message"), status)
         if status in (401, 403):
             return self.credentials_rejected(status)
