@@ -31,7 +31,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 def redact(text: str, keys: Iterable[str] = (), limit: int = MAX_OUTPUT) -> str:
     """`text` with every trace of `keys` and every credential-shaped token replaced by
     [redacted], control characters made spaces, at most `limit` characters long."""
-    text = _CONTROL.sub(" ", str(text)[:MAX_INPUT])
+    text = _CONTROL.sub(" ", str(text)[: max(MAX_INPUT, 2 * limit)])
     for key in keys:
         if key and len(key) >= MIN_PART:
             text = _remove_key(text, key)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
+import httpx2
 import openai
 import pytest
 from aiohttp import ClientResponse, StreamReader
@@ -148,6 +149,28 @@ def aiohttp_client_cls():
     return _ScannedClient
 
 
+class _ScannedSdkStream(httpx2.AsyncByteStream):
+    """The body of a response the openai SDK receives, scanned as it is read."""
+
+    def __init__(self, inner, url: str) -> None:
+        self.inner = inner
+        _SCANNING[id(self)] = (url, b"")
+
+    async def __aiter__(self):
+        async for chunk in self.inner:
+            _scan(id(self), chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _scan_sdk_response(response) -> None:
+    _SCANNING[id(response)] = (str(response.url), b"")
+    _scan(id(response), "\n".join(f"{k}: {v}" for k, v in response.headers.items()).encode())
+    response.stream = _ScannedSdkStream(response.stream, str(response.url))
+
+
 IMGPROXY = [str(Path(sys.executable).parent / "imgproxy")]  # the installed console script
 
 
@@ -240,7 +263,8 @@ async def sdk_for():
     made = []
 
     def make(client, api_key: str = CLIENT_KEY) -> openai.AsyncOpenAI:
-        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=api_key, max_retries=0)
+        scanned = openai.DefaultAsyncHttpxClient(event_hooks={"response": [_scan_sdk_response]})
+        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=api_key, max_retries=0, http_client=scanned)
         made.append(sdk)
         return sdk
 

@@ -16,6 +16,8 @@ from hypothesis import given, settings, strategies as st
 
 from imgproxy.config import ConfigError
 from imgproxy.gateway import Gateway
+from imgproxy.hookspecs import hookimpl
+from imgproxy.logs import JsonFormatter
 from imgproxy.redaction import redact
 from imgproxy.runtime import Runtime
 from imgproxy.server import create_app
@@ -346,21 +348,44 @@ def test_redact_keeps_ordinary_provider_words(text):
 
 
 # The session-wide scan (conftest.py) can fail: it sees a key however a test reads a response.
-async def test_the_session_scan_sees_keys_in_streamed_bodies_and_headers(aiohttp_client):
+async def test_the_session_scan_sees_keys_in_streamed_bodies_and_headers(aiohttp_client, sdk_for):
     async def leaky(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"X-Leak": KEY.upper()})
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if request.method == "GET":  # not to the SDK, whose client logs headers at DEBUG
+            resp.headers["X-Leak"] = KEY.upper()
         await resp.prepare(request)
-        await resp.write(b"...." + KEY[:10].encode())  # the key split across two chunks
-        await resp.write(KEY[10:].encode() + b"....")
+        await resp.write(b'{"created": 1, "data": [], "echo": "' + KEY[:10].encode())  # the key split across two chunks
+        await resp.write(KEY[10:].encode() + b'"}')
         return resp
 
     app = web.Application()
-    app.router.add_get("/leak", leaky)
+    app.router.add_route("*", "/v1/images/generations", leaky)
     client = await aiohttp_client(app)
     before = len(_SESSION_LEAKS)
-    resp = await client.get("/leak")
+    resp = await client.get("/v1/images/generations")
     async for _ in resp.content.iter_any():
         pass
-    seen = _SESSION_LEAKS[before:]
+    by_aiohttp = _SESSION_LEAKS[before:]
+    await sdk_for(client).images.generate(model="dall-e-2", prompt="x")
+    by_sdk = _SESSION_LEAKS[before + len(by_aiohttp):]
     del _SESSION_LEAKS[before:]  # this test's own leaks are the point, not a failure
-    assert {label for _, label in seen} == {"FakeUpstream.key"} and len(seen) >= 2, seen
+    assert {label for _, label in by_aiohttp} == {"FakeUpstream.key"} and len(by_aiohttp) >= 2, by_aiohttp  # headers and body
+    assert {label for _, label in by_sdk} == {"FakeUpstream.key"}, by_sdk
+
+
+class _Failing:
+    """A plugin with a bug: its exception quotes an upstream's answer, key included."""
+
+    @hookimpl
+    def imgproxy_check_request(self, ctx):
+        raise RuntimeError(f"unexpected answer {{'api_key': '{KEY}', 'auth': 'Bearer {KEY}'}}")
+
+
+async def test_tracebacks_in_log_lines_carry_no_credential(make_client, caplog):
+    client = await make_client(plugins=[_Failing()])
+    with caplog.at_level(logging.ERROR):
+        resp = await client.post(URL, json={"model": "placeholder", "prompt": "x"}, headers=AUTH)
+        await assert_error(resp, 500, "internal_error")
+    lines = [JsonFormatter().format(record) for record in caplog.records if record.exc_info]
+    assert lines and all("Traceback" in line and "RuntimeError" in line for line in lines), lines
+    assert traces_of_key("\n".join(lines)) == [], lines
