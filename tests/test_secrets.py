@@ -30,7 +30,7 @@ from tests.conftest import (
     images_body,
     run_imgproxy,
 )
-from tests.fakes import Cue, FakeUpstream
+from tests.fakes import FAKE_B64, Cue, FakeUpstream
 
 URL = "/v1/images/generations"
 DALLE = {"model": "dall-e-3", "prompt": "a lighthouse"}
@@ -389,3 +389,15 @@ async def test_tracebacks_in_log_lines_carry_no_credential(make_client, caplog):
     lines = [JsonFormatter().format(record) for record in caplog.records if record.exc_info]
     assert lines and all("Traceback" in line and "RuntimeError" in line for line in lines), lines
     assert traces_of_key("\n".join(lines)) == [], lines
+
+
+async def test_a_parsed_answer_passes_on_usage_numbers_and_plain_extras_only(client, fake_openai):
+    """An answer the gateway rebuilds (here: images it hosts) carries no upstream text but the images'."""
+    usage = {"total_tokens": 100, "input_tokens": 50, "output_tokens": 50, "note": KEY, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40, "echo": [KEY]}}
+    fake_openai.cue(body={"created": 1, "data": [{"b64_json": FAKE_B64}], "usage": usage, "background": KEY, "quality": f"high {KEY}", "output_format": "png", "size": "1024x1024"})
+    resp = await client.post(URL, json={"model": "gpt-image-1", "prompt": "x", "response_format": "url"}, headers=AUTH)
+    body = await images_body(resp)
+    await leak_free(resp)
+    assert body["usage"] == {"total_tokens": 100, "input_tokens": 50, "output_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}}
+    assert (body.get("output_format"), body.get("size")) == ("png", "1024x1024")
+    assert "background" not in body and "quality" not in body

@@ -108,8 +108,8 @@ class OpenAIProvider(Provider):
         return ImagesResult(
             created=created if isinstance(created, int) else 0,
             images=images,
-            usage=body.get("usage") if isinstance(body.get("usage"), dict) else None,
-            extra={k: body[k] for k in RESPONSE_EXTRAS if isinstance(body.get(k), str)},
+            usage=_numbers(body["usage"]) if isinstance(body.get("usage"), dict) else None,
+            extra={k: body[k] for k in RESPONSE_EXTRAS if self.plain_word(body.get(k))},
         )
 
     def map_error(self, status: int, body: dict, resp) -> GatewayError:
@@ -134,6 +134,17 @@ class OpenAIProvider(Provider):
         if status in (400, 422):
             return GatewayError(400, message, type=kind or "invalid_request_error", code=code, param=request_param(error.get("param")))
         return self.upstream_error_for_status(status)
+
+
+def _numbers(usage: dict) -> dict:
+    """Token counts only: usage goes to the client and to usage records, so no upstream text does."""
+    kept = {}
+    for name, value in usage.items():
+        if isinstance(value, dict):
+            kept[name] = _numbers(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            kept[name] = value
+    return kept
 
 
 def _is_json(resp) -> bool:
