@@ -124,8 +124,8 @@ class Config:
     idempotency: IdempotencyConfig
     # Every top-level section as written (after substitution), for plugins to read their own.
     sections: dict
-    # The ${VAR}s each dotted key path referenced, so errors can name a variable, not its value.
-    env_refs: dict = field(default_factory=dict)
+    # Per dotted key path, the ${VAR}s its value came from (names only, never the values).
+    refs: dict = field(default_factory=dict)
 
 
 def substitute_env(node, env, source: str, path: list, refs: dict):
@@ -155,6 +155,11 @@ def substitute_env(node, env, source: str, path: list, refs: dict):
     return _ENV_REF.sub(replace, node)
 
 
+def _shown(value, path: list, refs: dict) -> str:
+    """A value quoted in an error, unless it came from the environment."""
+    return "the value" if variables_under(refs, schemafiles.dotted(path)) else repr(value)
+
+
 def read_config_file(path: str | os.PathLike) -> str:
     try:
         return Path(path).read_text("utf-8")
@@ -180,10 +185,37 @@ def parse_config(
 
     schema = dict(schemafiles.load("proxy.schema.json"))
     schema["properties"] = {**schema["properties"], **(extra_sections or {})}
-    problem = schemafiles.first_error(schemafiles.validator(schema), raw)
-    if problem:
-        raise ConfigError(source, *problem)
-    return _build(raw, source, refs, provider_types)
+    env = os.environ if env is None else env
+    try:
+        problem = schemafiles.first_error(schemafiles.validator(schema), raw)
+        if problem:
+            raise ConfigError(source, *problem)
+        return _build(raw, source, refs, provider_types)
+    except ConfigError as exc:
+        raise without_values(exc, refs, env) from None
+
+
+def variables_under(refs: dict, path: str) -> list[str]:
+    """The ${VAR}s the value at `path` (or anything inside it) came from."""
+    if path.startswith("("):
+        return []
+    names = [name for where, used in refs.items() if where == path or where.startswith(path + ".") for name in used]
+    return list(dict.fromkeys(names))
+
+
+def without_values(error: ConfigError, refs: dict, env) -> ConfigError:
+    """The error with no value that came from the environment in it, saying where it came
+    from instead: `(value from $TEAM_KEY)`. Errors are printed and logged (a failed reload
+    goes to the ERROR log); a variable's value may be a key."""
+    problem = error.problem
+    for name in dict.fromkeys(name for used in refs.values() for name in used):
+        value = env.get(name) or ""
+        if len(value) >= 4:  # shorter values are no secret, and would garble the words
+            problem = problem.replace(value, f"${name}")
+    names = variables_under(refs, error.path)
+    if names and "value from $" not in problem:
+        problem += " (value from " + ", ".join(f"${name}" for name in names) + ")"
+    return ConfigError(error.source, error.path, problem)
 
 
 def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
@@ -191,10 +223,13 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
     for name, spec in raw["providers"].items():
         if provider_types is not None and spec["type"] not in provider_types:
             known = ", ".join(sorted(provider_types))
-            raise ConfigError(source, ["providers", name, "type"], f"unknown provider type {spec['type']!r} (known: {known})")
+            where = ["providers", name, "type"]
+            raise ConfigError(source, where, f"unknown provider type {_shown(spec['type'], where, refs)} (known: {known})")
         base_url = spec.get("base_url", "")
-        if base_url and urlsplit(base_url).scheme not in ("http", "https"):
-            raise ConfigError(source, ["providers", name, "base_url"], f"must be an http(s) URL, not {base_url!r}")
+        scheme = urlsplit(base_url).scheme if base_url else "http"
+        if scheme not in ("http", "https"):
+            # Only the scheme: a URL may carry a password.
+            raise ConfigError(source, ["providers", name, "base_url"], f"must be an http(s) URL, not {scheme or 'one without a scheme'}")
         timeouts = {**DEFAULT_TIMEOUTS, **spec.get("timeouts", {})}
         try:
             egress = policy_for(base_url.rstrip("/"), spec.get("image_hosts", ()), spec.get("allow_private_addresses"))
@@ -216,7 +251,8 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
     models, public_names = {}, {}
     for name, spec in raw["models"].items():
         if spec["provider"] not in providers:
-            raise ConfigError(source, ["models", name, "provider"], f"no provider named {spec['provider']!r} (have: {', '.join(providers)})")
+            where = ["models", name, "provider"]
+            raise ConfigError(source, where, f"no provider named {_shown(spec['provider'], where, refs)} (have: {', '.join(providers)})")
         upstream = spec.get("upstream_model", name)
         catalog = spec.get("catalog", upstream)
         try:
@@ -227,13 +263,13 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         model = ModelConfig(name, spec["provider"], upstream, tuple(spec.get("aliases", ())), caps, spec.get("timeout"), catalog)
         for public in (name, *model.aliases):
             if public in public_names:
-                raise ConfigError(source, ["models", name], f"name {public!r} is already used by model {public_names[public]!r}")
+                raise ConfigError(source, ["models", name], f"name {_shown(public, ['models', name], refs)} is already used by model {public_names[public]!r}")
             public_names[public] = name
         models[name] = model
 
     default_model = raw.get("default_model")
     if default_model is not None and default_model not in public_names:
-        raise ConfigError(source, ["default_model"], f"no model or alias named {default_model!r}")
+        raise ConfigError(source, ["default_model"], f"no model or alias named {_shown(default_model, ['default_model'], refs)}")
 
     server = ServerConfig(**raw.get("server", {}))
     images_raw = dict(raw.get("images", {}))
@@ -255,7 +291,7 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         state=StateConfig(**raw.get("state", {})),
         idempotency=IdempotencyConfig(**raw.get("idempotency", {})),
         sections=raw,
-        env_refs=refs,
+        refs=refs,
     )
 
 

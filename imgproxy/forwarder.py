@@ -17,6 +17,7 @@ from .egress import AddressPolicy, AddressRefused, CheckingResolver, UrlRefused
 from .errors import GatewayError, upstream_error
 from .inline_images import InlineImageError, InlineImageReader
 from .messages import RequestContext, StreamedReply
+from .redaction import redact
 
 log = logging.getLogger("imgproxy.upstream")
 
@@ -74,7 +75,7 @@ class Upstream:
         try:
             target = egress.target(url)
         except UrlRefused as exc:
-            log.warning("refused a request to host %r for provider %s: %s", _host(url), provider.name, exc)
+            log.warning("refused a request to host %s for provider %s: %s", _host(url, provider), provider.name, redact(str(exc), (provider.api_key,)))
             raise upstream_error(
                 f"The provider '{provider.name}' returned a URL on a host it is not allowed to use.", code="upstream_bad_response"
             ) from None
@@ -89,8 +90,8 @@ class Upstream:
             # Never followed: the next hop would be a host the upstream chose (with our request).
             resp.release()
             log.warning(
-                "provider %s answered HTTP %s, a redirect to host %r, which is not followed",
-                provider.name, resp.status, _host(resp.headers.get("Location", "")) or _host(url),
+                "provider %s answered HTTP %s, a redirect to host %s, which is not followed",
+                provider.name, resp.status, _host(resp.headers.get("Location", ""), provider),
             )
             raise upstream_error(f"The provider '{provider.name}' answered with a redirect, which this gateway does not follow.", code="upstream_bad_response")
         return resp
@@ -190,16 +191,32 @@ def failure(exc: BaseException, provider: ProviderConfig, timeout: float | None)
     if isinstance(exc, aiohttp.ClientConnectorError):
         log.warning("cannot connect to provider %s: %s", provider.name, exc.os_error)
         return upstream_error(f"Could not connect to the provider '{provider.name}'.", code="upstream_unavailable")
-    log.warning("provider %s broke off its answer: %r", provider.name, exc)
+    log.warning("provider %s broke off its answer: %s", provider.name, describe(exc))
     return upstream_error(f"The provider '{provider.name}' closed the connection before a complete answer.", code="upstream_bad_response")
 
 
-def _host(url: str) -> str | None:
-    """The host of a URL, for logs (never its query, which may hold a signature)."""
+def _host(url: str, provider: ProviderConfig) -> str:
+    """The host of a URL an upstream gave, for logs: never its query (it may hold a signature),
+    and redacted (an upstream's URL is its words)."""
     try:
-        return urlsplit(url).hostname
+        host = urlsplit(url).hostname
     except ValueError:
-        return None
+        host = None
+    return redact(repr(host), (provider.api_key,))
+
+
+def describe(exc: BaseException) -> str:
+    """An aiohttp failure for a log line: its class, status and host. Never its repr or str:
+    those of ClientResponseError and TooManyRedirects carry the request with its headers
+    (the provider key) and the upstream's own words."""
+    parts = [type(exc).__name__]
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status:
+        parts.append(f"status {status}")
+    host = getattr(getattr(getattr(exc, "request_info", None), "url", None), "host", None)
+    if isinstance(host, str):
+        parts.append(f"host {host}")
+    return ", ".join(parts)
 
 
 async def _limited_chunks(resp: aiohttp.ClientResponse, limit: int, what: str = "answer"):

@@ -12,7 +12,7 @@ import secrets
 import pluggy
 import yaml
 
-from .config import Config, StateConfig, parse_config, read_config_file
+from .config import Config, ConfigError, StateConfig, parse_config, read_config_file, without_values
 from .forwarder import Upstream
 from .idempotency import Idempotency
 from .imagestore import FilesystemImageStore, UrlSigner
@@ -85,7 +85,10 @@ class Gateway:
             sections.update(contributed or {})
         config = parse_config(text, source=source, env=env, extra_sections=sections, provider_types=adapters)
         gateway = cls(config, pm, adapters, shared)
-        await gateway.hooks.each("imgproxy_configure", gateway=gateway)
+        try:
+            await gateway.hooks.each("imgproxy_configure", gateway=gateway)
+        except ConfigError as exc:  # a plugin's own check: it may quote a value from the environment
+            raise without_values(exc, config.refs, os.environ if env is None else env) from None
         return gateway
 
     # Requests in flight on this gateway: a reload closes it only after them, and the

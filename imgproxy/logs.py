@@ -13,6 +13,8 @@ import logging
 import sys
 import time
 
+from .redaction import redact
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("imgproxy_request_id", default=None)
 
 _make_record = logging.getLogRecordFactory()
@@ -41,7 +43,14 @@ def timestamp(now: float) -> str:
     return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
 
 
-class JsonFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    def formatException(self, exc_info) -> str:
+        # A traceback ends with str() of the exception, which may quote an upstream's answer:
+        # anything shaped like a credential goes (newlines are kept, the rest is redact()'s).
+        return "\n".join(redact(line, limit=4000) for line in super().formatException(exc_info).splitlines())
+
+
+class JsonFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"time": timestamp(record.created), "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
         request_id = getattr(record, "request_id", None)
@@ -52,7 +61,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 

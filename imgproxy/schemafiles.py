@@ -39,16 +39,40 @@ def first_error(validator: Draft202012Validator, instance) -> tuple[list, str] |
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
-    if error.validator == "type":
-        wanted = error.validator_value
+    """The problem in words built from the schema keyword, never from jsonschema's message:
+    that one quotes the value (`'s3cr3t' is too short`), and a value may be a secret."""
+    keyword, wanted, value = error.validator, error.validator_value, error.instance
+    if keyword == "type":
         wanted = " or ".join(wanted) if isinstance(wanted, list) else wanted
-        return f"must be of type {wanted}, not {_json_type(error.instance)}"
-    if error.validator == "oneOf" and all(set(branch) == {"required"} for branch in error.validator_value):
-        names = [name for branch in error.validator_value for name in branch["required"]]
+        return f"must be of type {wanted}, not {_json_type(value)}"
+    if keyword == "oneOf" and all(set(branch) == {"required"} for branch in wanted):
+        names = [name for branch in wanted for name in branch["required"]]
         return "needs exactly one of: " + ", ".join(names)
-    if error.validator == "enum":
-        return "must be one of " + ", ".join(json.dumps(v) for v in error.validator_value)
-    return error.message
+    if keyword == "enum":
+        return "must be one of " + ", ".join(json.dumps(v) for v in wanted)
+    # Numbers are shown (a ${VAR} always gives a string); strings and containers never are.
+    number = f", not {json.dumps(value)}" if type(value) in (int, float) else ""
+    words = {
+        "const": f"must be {json.dumps(wanted)}",
+        "minimum": f"must be at least {wanted}{number}",
+        "maximum": f"must be at most {wanted}{number}",
+        "exclusiveMinimum": f"must be greater than {wanted}{number}",
+        "exclusiveMaximum": f"must be less than {wanted}{number}",
+        "multipleOf": f"must be a multiple of {wanted}{number}",
+        "minLength": f"must be at least {wanted} characters long",
+        "maxLength": f"must be at most {wanted} characters long",
+        "pattern": f"must match the pattern {wanted}",
+        "format": f"must be a valid {wanted}",
+        "minItems": f"must have at least {wanted} items",
+        "maxItems": f"must have at most {wanted} items",
+        "uniqueItems": "must not repeat an item",
+        "minProperties": f"must have at least {wanted} keys",
+        "maxProperties": f"must have at most {wanted} keys",
+        "oneOf": "must match exactly one of the allowed forms",
+        "anyOf": "must match one of the allowed forms",
+        "not": "is a form that is not allowed",
+    }
+    return words.get(keyword, f"is not valid ({keyword})")
 
 
 def _json_type(value) -> str:

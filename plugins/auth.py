@@ -103,7 +103,7 @@ class AuthPlugin:
         for i, key in enumerate(env_keys, 1):
             if len(key) < MIN_KEY_LENGTH:
                 # Name where the key came from, never the key: this message reaches logs.
-                origin = " and ".join(f"${name}" for name in gateway.config.env_refs.get("auth.api_keys", ())) or "auth.api_keys"
+                origin = " and ".join(f"${name}" for name in gateway.config.refs.get("auth.api_keys", ())) or "auth.api_keys"
                 raise ConfigError(
                     gateway.config.source, ["auth", "api_keys"],
                     f"key {i} of {len(env_keys)} in {origin} is shorter than {MIN_KEY_LENGTH} characters (every client key needs at least {MIN_KEY_LENGTH})",

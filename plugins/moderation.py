@@ -219,7 +219,8 @@ class ModerationPlugin:
             result = body["results"][0]
             flagged = [name for name, value in result["categories"].items() if value is True]
         except (GatewayError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            log.warning("moderation model unavailable (%s); failing %s (request %s)", getattr(exc, "message", repr(exc)),
+            # Our own words or the exception's class: never its repr, which may quote the answer.
+            log.warning("moderation model unavailable (%s); failing %s (request %s)", getattr(exc, "message", type(exc).__name__),
                         "open" if spec["on_failure"] == "allow" else "closed", ctx.request_id)
             if spec["on_failure"] == "allow":
                 return

@@ -3,9 +3,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
 
+import httpx2
 import openai
 import pytest
+from aiohttp import ClientResponse, StreamReader
+from aiohttp.test_utils import TestClient
 
 from imgproxy.logs import JsonFormatter, access_log
 
@@ -14,6 +21,8 @@ from imgproxy.server import create_app
 from tests.fakes import FakeOpenAI, FakeStability, FakeUpstream, openai_validator
 
 CLIENT_KEY = "sk-client-test-key-0001"
+# A secret given to config tests through the environment (too short for a client key on purpose).
+SECRET_ENV_VALUE = "s3cr3t-teamval1"
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 
 IMAGES_RESPONSE = openai_validator("ImagesResponse")
@@ -74,6 +83,102 @@ class _Lines(io.StringIO):
 
 
 _SESSION_LOG: list[str] = []
+# Where a key reached a test's client: (url, which key), from every gateway response read.
+_SESSION_LEAKS: list[tuple[str, str]] = []
+
+
+def _leak_forms(key: str) -> set[str]:
+    return {key, key.lower(), key.upper(), quote(key, safe="")}
+
+
+def secret_forms() -> dict[str, str]:
+    """Every form of every secret the session watches for, mapped to the secret's label."""
+    keys = {"FakeUpstream.key": FakeUpstream.key, "CLIENT_KEY": CLIENT_KEY, "SECRET_ENV_VALUE": SECRET_ENV_VALUE}
+    return {form: label for label, key in keys.items() for form in _leak_forms(key)}
+
+
+# Per body reader being scanned: the response's URL and the last bytes seen (a key may
+# straddle two chunks). Keyed by id: StreamReader has __slots__ and no room for them.
+_SCANNING: dict[int, tuple[str, bytes]] = {}
+
+
+def _scan(reader_id: int, chunk: bytes) -> None:
+    url, tail = _SCANNING.get(reader_id, ("?", b""))
+    window = tail + chunk
+    for form, label in secret_forms().items():
+        if form.encode() in window:
+            _SESSION_LEAKS.append((url, label))
+    _SCANNING[reader_id] = (url, window[-64:])
+
+
+class _ScannedReader(StreamReader):
+    """A response body that is scanned as it arrives, however the test then reads it."""
+
+    __slots__ = ()  # the same layout, so a reader's class can be switched to this one
+
+    def feed_data(self, data, *args, **kwargs):
+        _scan(id(self), bytes(data))
+        return super().feed_data(data, *args, **kwargs)
+
+
+class _ScannedResponse(ClientResponse):
+    """A response of a test client to the gateway: its headers and every body byte are
+    searched for the session's secrets."""
+
+    async def start(self, connection):
+        result = await super().start(connection)
+        content = self.content
+        _SCANNING[id(content)] = (str(self.url), b"")
+        _scan(id(content), b"\n".join(name + b": " + value for name, value in self.raw_headers))
+        _SCANNING[id(content)] = (str(self.url), b"")
+        for chunk in list(getattr(content, "_buffer", ())):  # what came with the headers
+            _scan(id(content), chunk)
+        if type(content) is StreamReader:
+            content.__class__ = _ScannedReader
+        return result
+
+
+class _ScannedClient(TestClient):
+    def __init__(self, server, **kwargs) -> None:
+        super().__init__(server, response_class=_ScannedResponse, **kwargs)
+
+
+@pytest.fixture
+def aiohttp_client_cls():
+    """Every aiohttp test client (pytest-aiohttp's `aiohttp_client`) scans what it receives."""
+    return _ScannedClient
+
+
+class _ScannedSdkStream(httpx2.AsyncByteStream):
+    """The body of a response the openai SDK receives, scanned as it is read."""
+
+    def __init__(self, inner, url: str) -> None:
+        self.inner = inner
+        _SCANNING[id(self)] = (url, b"")
+
+    async def __aiter__(self):
+        async for chunk in self.inner:
+            _scan(id(self), chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _scan_sdk_response(response) -> None:
+    _SCANNING[id(response)] = (str(response.url), b"")
+    _scan(id(response), "\n".join(f"{k}: {v}" for k, v in response.headers.items()).encode())
+    response.stream = _ScannedSdkStream(response.stream, str(response.url))
+
+
+IMGPROXY = [str(Path(sys.executable).parent / "imgproxy")]  # the installed console script
+
+
+def run_imgproxy(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run the installed `imgproxy` command; its output joins the session's scanned log."""
+    result = subprocess.run([*IMGPROXY, *args], capture_output=True, text=True, timeout=30, **kwargs)
+    _SESSION_LOG.extend((result.stdout + result.stderr).splitlines())
+    return result
 
 
 @pytest.fixture
@@ -103,8 +208,9 @@ def all_log_output():
     root.removeHandler(handler)
     root.setLevel(previous)
     text = "\n".join(_SESSION_LOG)
-    leaked = [key for key in (FakeUpstream.key, CLIENT_KEY) if key in text]
+    leaked = sorted({label for form, label in secret_forms().items() if form in text})
     assert not leaked, f"keys appeared in log output: {leaked}"
+    assert not _SESSION_LEAKS, f"keys appeared in responses to test clients: {sorted(set(_SESSION_LEAKS))[:20]}"
 
 
 async def serve_fake(aiohttp_server, fake: FakeUpstream):
@@ -157,7 +263,8 @@ async def sdk_for():
     made = []
 
     def make(client, api_key: str = CLIENT_KEY) -> openai.AsyncOpenAI:
-        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=api_key, max_retries=0)
+        scanned = openai.DefaultAsyncHttpxClient(event_hooks={"response": [_scan_sdk_response]})
+        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=api_key, max_retries=0, http_client=scanned)
         made.append(sdk)
         return sdk
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_imgproxy
+
 REPO = Path(__file__).resolve().parents[1]
 # The installed console script, as users run it (`python -m` from the checkout would import the source tree).
 IMGPROXY = [str(Path(sys.executable).parent / "imgproxy")]
@@ -104,13 +106,13 @@ def test_serve_flags_and_environment(serve, tmp_path):
 def test_serve_refuses_a_bad_config(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("providers: {}\nmodels: {}\n")
-    result = subprocess.run([*IMGPROXY, "serve", "--config", str(config)], env=clean_env(), capture_output=True, text=True, timeout=30)
+    result = run_imgproxy("serve", "--config", str(config), env=clean_env())
     assert result.returncode == 2
     assert f"{config}: providers: " in result.stderr
 
 
 def test_check_config_prints_the_model_table():
-    result = subprocess.run([*IMGPROXY, "check-config", "proxy.yaml"], cwd=REPO, env=clean_env(OPENAI_API_KEY="sk-set"), capture_output=True, text=True, timeout=30)
+    result = run_imgproxy("check-config", "proxy.yaml", cwd=REPO, env=clean_env(OPENAI_API_KEY="sk-set"))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "proxy.yaml: valid, 5 models"
@@ -125,7 +127,7 @@ def test_check_config_prints_the_model_table():
 def test_check_config_names_file_and_key_path(tmp_path):
     config = tmp_path / "proxy.yaml"
     config.write_text((REPO / "proxy.yaml").read_text().replace("url_ttl: 3600", "url_ttl: soon"))
-    result = subprocess.run([*IMGPROXY, "check-config", str(config)], env=clean_env(), capture_output=True, text=True, timeout=30)
+    result = run_imgproxy("check-config", str(config), env=clean_env())
     assert result.returncode == 1
     assert f"{config}: images.url_ttl: must be of type integer, not string" in result.stderr
 

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, ClassVar
 
+from .. import schemafiles
 from ..config import ProviderConfig
 from ..errors import GatewayError, upstream_error
 from ..messages import ImageRequest, ImagesResult, RequestContext, StreamedReply
+from ..redaction import redact
 
 if TYPE_CHECKING:
     from ..forwarder import Upstream
 
 log = logging.getLogger("imgproxy.upstream")
+
+# What of an upstream's error body may reach the client: a code or type that is a plain word,
+# a param that names one of our request parameters. Anything else is dropped, never copied.
+_PLAIN_WORD = re.compile(r"[a-z0-9_.-]{1,64}")
+REQUEST_PARAMS = frozenset(schemafiles.load("image-generation-request.schema.json")["properties"])
+
+
+def request_param(value) -> str | None:
+    return value if isinstance(value, str) and value in REQUEST_PARAMS else None
 
 
 class Provider:
@@ -67,11 +79,22 @@ class Provider:
             code="provider_not_configured",
         )
 
-    def redact(self, text: str) -> str:
-        """Upstream text that may reach a client, with the provider key removed if it appears."""
-        if self.config.api_key:
-            text = text.replace(self.config.api_key, "[redacted]")
-        return text[:1000]
+    def redact(self, text) -> str:
+        """Upstream text that may reach a client or a log line: no trace of the provider key
+        or of anything shaped like a credential, and bounded (see imgproxy.redaction)."""
+        return redact(str(text), (self.config.api_key,))
+
+    def plain_word(self, value) -> str | None:
+        """An upstream's `code` or `type` if it is a short plain word with nothing of a key in it."""
+        if isinstance(value, str) and _PLAIN_WORD.fullmatch(value) and self.redact(value) == value:
+            return value
+        return None
+
+    def upstream_message(self, message, status: int) -> str:
+        """An upstream error's message, fit to show: a string, redacted; else a neutral one."""
+        if not isinstance(message, str) or not message.strip():
+            return f"The provider '{self.config.name}' refused the request with HTTP {status}."
+        return self.redact(message)
 
     def credentials_rejected(self, status: int) -> GatewayError:
         # The client did nothing wrong: the operator's key is bad, revoked or lacks access.

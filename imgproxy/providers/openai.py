@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 from ..errors import GatewayError, upstream_error
 from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply
-from .base import Provider, log
+from .base import Provider, log, request_param
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 POLICY_CODES = {"content_policy_violation", "moderation_blocked"}
 RESPONSE_EXTRAS = ("background", "output_format", "size", "quality")
+# Seconds or an HTTP date: the only Retry-After values passed on to the client.
+RETRY_AFTER = re.compile(r"\d{1,9}|[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
 
 
 class OpenAIProvider(Provider):
@@ -104,31 +108,43 @@ class OpenAIProvider(Provider):
         return ImagesResult(
             created=created if isinstance(created, int) else 0,
             images=images,
-            usage=body.get("usage") if isinstance(body.get("usage"), dict) else None,
-            extra={k: body[k] for k in RESPONSE_EXTRAS if isinstance(body.get(k), str)},
+            usage=_numbers(body["usage"]) if isinstance(body.get("usage"), dict) else None,
+            extra={k: body[k] for k in RESPONSE_EXTRAS if self.plain_word(body.get(k))},
         )
 
     def map_error(self, status: int, body: dict, resp) -> GatewayError:
+        """Our error rebuilt from the status and the known fields of OpenAI's error body; no
+        other part of the body reaches the client (it may echo the key)."""
         error = body.get("error") if isinstance(body.get("error"), dict) else {}
-        code = error.get("code") if isinstance(error.get("code"), str) else None
-        message = self.redact(str(error.get("message") or f"HTTP {status}"))
+        code, kind = self.plain_word(error.get("code")), self.plain_word(error.get("type"))
+        message = self.upstream_message(error.get("message"), status)
         if status in (401, 403):
             return self.credentials_rejected(status)
-        if code in POLICY_CODES or (status == 400 and error.get("type") == "image_generation_user_error"):
-            return GatewayError(400, message, type=error.get("type") or "invalid_request_error", code=code or "content_policy_violation")
+        if code in POLICY_CODES or (status == 400 and kind == "image_generation_user_error"):
+            return GatewayError(400, message, type=kind or "invalid_request_error", code=code or "content_policy_violation")
         if status == 429 and code == "insufficient_quota":
             log.error("provider %s reports its account is out of quota", self.config.name)
             return upstream_error(f"The provider '{self.config.name}' account has no quota left.", code="upstream_quota_exceeded")
         if status == 429:
             retry = resp.headers.get("Retry-After")
             return GatewayError(
-                429, message, type=error.get("type") or "requests", code=code or "rate_limit_exceeded",
-                headers={"Retry-After": retry} if retry else None,
+                429, message, type=kind or "requests", code=code or "rate_limit_exceeded",
+                headers={"Retry-After": retry} if retry and RETRY_AFTER.fullmatch(retry) else None,
             )
         if status in (400, 422):
-            param = error.get("param") if isinstance(error.get("param"), str) else None
-            return GatewayError(400, message, type=error.get("type") or "invalid_request_error", code=code, param=param)
+            return GatewayError(400, message, type=kind or "invalid_request_error", code=code, param=request_param(error.get("param")))
         return self.upstream_error_for_status(status)
+
+
+def _numbers(usage: dict) -> dict:
+    """Token counts only: usage goes to the client and to usage records, so no upstream text does."""
+    kept = {}
+    for name, value in usage.items():
+        if isinstance(value, dict):
+            kept[name] = _numbers(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            kept[name] = value
+    return kept
 
 
 def _is_json(resp) -> bool:

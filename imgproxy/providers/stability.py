@@ -80,8 +80,9 @@ class StabilityProvider(Provider):
         return ImagesResult(created=int(time.time()), images=images, filtered=filtered)
 
     def map_error(self, status: int, body: dict) -> GatewayError:
-        name = body.get("name") if isinstance(body.get("name"), str) else None
-        message = self.redact(str(body.get("message") or f"HTTP {status}"))
+        """Our error rebuilt from the status, `name` and a redacted `message`; nothing else."""
+        name = self.plain_word(body.get("name"))
+        message = self.upstream_message(body.get("message"), status)
         if status in (401, 403):
             return self.credentials_rejected(status)
         if status == 400 and name == "invalid_prompts":
