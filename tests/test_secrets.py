@@ -377,7 +377,7 @@ class _Failing:
     """A plugin with a bug: its exception quotes an upstream's answer, key included."""
 
     @hookimpl
-    def imgproxy_check_request(self, ctx):
+    def imgproxy_check_limits(self, ctx):
         raise RuntimeError(f"unexpected answer {{'api_key': '{KEY}', 'auth': 'Bearer {KEY}'}}")
 
 
