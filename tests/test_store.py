@@ -10,8 +10,10 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
-from urllib.parse import parse_qs, urlsplit
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -225,3 +227,44 @@ async def test_default_folder_replaced_while_running_is_not_written_to(make_clie
     assert list(folder.iterdir()) == []
     assert (await client.get("/readyz")).status == 503
 
+
+
+# -- the shipped proxy.yaml, run as users run it --------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+IMGPROXY = str(Path(sys.executable).parent / "imgproxy")
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "STABILITY_", "IMGPROXY_", "AWS_", "TMPDIR"))}
+    return {**env, **extra}
+
+
+def shipped_config_with_s3(tmp_path) -> Path:
+    text = (REPO / "proxy.yaml").read_text().replace("  store: filesystem ", "  store: s3 ")
+    lines = text.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("  # s3:")))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  #   "))
+    lines[start:end] = [line.replace("  # ", "  ", 1) for line in lines[start:end]]
+    config = tmp_path / "proxy.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def test_serve_refuses_a_shared_store_without_a_signing_key(tmp_path):
+    config = shipped_config_with_s3(tmp_path)
+    env = clean_env(IMGPROXY_S3_BUCKET="images", IMGPROXY_PORT="1")
+    result = subprocess.run([IMGPROXY, "serve", "--config", str(config)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"{config}: images.signing_key: must be set" in result.stderr and "IMGPROXY_SIGNING_KEY" in result.stderr
+    ok = subprocess.run([IMGPROXY, "check-config", str(config)], env={**env, "IMGPROXY_SIGNING_KEY": "k" * 40},
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_filesystem_store_without_a_key_warns_and_uses_a_private_folder(tmp_path):
+    env = clean_env(TMPDIR=str(tmp_path))
+    result = subprocess.run([IMGPROXY, "check-config", str(REPO / "proxy.yaml")], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "images.signing_key is not set" in result.stderr
+    assert stat.S_IMODE(os.lstat(tmp_path / f"imgproxy-{os.geteuid()}").st_mode) == 0o700

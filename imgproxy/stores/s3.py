@@ -40,7 +40,9 @@ class S3ImageStore(ImageStore):
     async def start(self) -> None:
         s = self.settings
         # Custom endpoints (MinIO, SeaweedFS, R2 ...) want path-style addressing.
-        config = AioConfig(**_CLIENT_CONFIG, s3={"addressing_style": "path" if s.endpoint_url else "auto"})
+        config = AioConfig(
+            **_CLIENT_CONFIG, signature_version="s3v4", s3={"addressing_style": "path" if s.endpoint_url else "auto"}
+        )
         self._client = await self._stack.enter_async_context(
             get_session().create_client("s3", region_name=s.region, endpoint_url=s.endpoint_url or None, config=config)
         )
