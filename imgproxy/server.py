@@ -190,8 +190,14 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
         if image.size is not None:
             response.content_length = image.size
         await response.prepare(request)
-        async for chunk in image.chunks:
-            await response.write(chunk)
+        try:
+            async for chunk in image.chunks:
+                await response.write(chunk)
+        except StoreUnavailable as exc:
+            # The status is sent: cut the connection so the client sees a short body, not an image.
+            log.warning("image store failed while serving an image: %s", exc.reason)
+            request.transport.abort()
+            return response
         await response.write_eof()
         return response
     finally:

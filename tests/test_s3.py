@@ -223,28 +223,38 @@ async def test_a_store_that_is_down_never_loses_the_image(make_client, s3_env, a
     assert len(fake_openai.requests) == calls + 2
 
 
+async def relay(aiohttp_server, session, endpoint: str, misbehave):
+    """A proxy in front of the real bucket; `misbehave(request, body)` may answer instead
+    (returning a response) or let the request through (returning None)."""
+    async def handle(request):
+        body = await request.read()
+        answer = await misbehave(request, body)
+        if answer is not None:
+            return answer
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "transfer-encoding"}
+        async with session.request(request.method, endpoint + request.path_qs, headers=headers, data=body, allow_redirects=False) as upstream:
+            hop = ("transfer-encoding", "connection", "content-encoding")
+            return web.Response(status=upstream.status, body=await upstream.read(),
+                                headers={k: v for k, v in upstream.headers.items() if k.lower() not in hop})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return str((await aiohttp_server(app)).make_url("")).rstrip("/")
+
+
 async def test_a_store_that_fails_once_is_retried_within_the_deadline(make_client, s3_env, aiohttp_server):
-    """A proxy in front of the real bucket answers the first upload 503 SlowDown, then lets
-    uploads through: the image ends up in the bucket, behind a URL, without a fallback."""
+    """The first upload is answered 503 SlowDown, then uploads go through: the image ends up
+    in the bucket, behind a URL, without a fallback."""
     endpoint, bucket = s3_env
     failed = []
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        async def relay(request):
-            if request.method == "PUT" and not failed:
-                failed.append(request.path)
-                await request.read()
-                return web.Response(status=503, content_type="application/xml",
-                                    text="<Error><Code>SlowDown</Code><Message>busy</Message></Error>")
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("transfer-encoding",)}
-            async with session.request(request.method, endpoint + request.path_qs, headers=headers,
-                                       data=await request.read(), allow_redirects=False) as upstream:
-                hop = ("transfer-encoding", "connection", "content-encoding")
-                return web.Response(status=upstream.status, body=await upstream.read(),
-                                    headers={k: v for k, v in upstream.headers.items() if k.lower() not in hop})
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", relay)
-        proxy = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    async def slow_down_once(request, body):
+        if request.method == "PUT" and not failed:
+            failed.append(request.path)
+            return web.Response(status=503, content_type="application/xml", text="<Error><Code>SlowDown</Code><Message>busy</Message></Error>")
+
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        proxy = await relay(aiohttp_server, session, endpoint, slow_down_once)
         client = await make_client(extra=s3_extra(proxy, prefix="retry/"))
         resp = await client.post(URL, json=GPT_URL, headers=AUTH)
         body = await images_body(resp)
@@ -252,6 +262,35 @@ async def test_a_store_that_fails_once_is_retried_within_the_deadline(make_clien
         name, _, _ = parts(body["data"][0]["url"])
         assert bucket.get_object(Bucket=BUCKET, Key=f"retry/{name}")["Body"].read() == FAKE_PNG
         assert await (await download(client, body["data"][0]["url"])).read() == FAKE_PNG
+
+
+async def test_serving_while_the_store_is_down_is_a_503(make_client, s3_env):
+    client = await make_client(extra=s3_extra(f"http://127.0.0.1:{free_ports(1)[0]}"))
+    url = signed(client, "A" * 24 + ".png", int(time.time()) + 60)
+    await assert_error(await download(client, url), 503, "image_store_unavailable")
+
+
+async def test_a_store_failing_mid_image_never_passes_for_a_whole_image(make_client, s3_env, aiohttp_server, caplog):
+    endpoint, _ = s3_env
+
+    async def cut_downloads(request, body):
+        if request.method == "GET" and "/cut/" in request.path:
+            response = web.StreamResponse(headers={"Content-Type": "image/png"})
+            response.content_length = 1000
+            await response.prepare(request)
+            await response.write(b"\x89PNG half an image")
+            request.transport.close()
+            return response
+
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        proxy = await relay(aiohttp_server, session, endpoint, cut_downloads)
+        client = await make_client(extra=s3_extra(proxy, prefix="cut/"))
+        url = (await images_body(await client.post(URL, json=GPT_URL, headers=AUTH)))["data"][0]["url"]
+        resp = await download(client, url)
+        assert resp.status == 200 and resp.content_length == 1000
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert "image store failed while serving an image" in caplog.text
 
 
 async def test_the_s3_secret_never_reaches_the_logs(all_log_output):

@@ -14,7 +14,7 @@ import logging
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from .base import NAME, ImageStore, StoredImage, StoreUnavailable
 
@@ -74,17 +74,23 @@ class S3ImageStore(ImageStore):
         self.count("get", True)
         body = answer["Body"]
 
+        async def chunks():
+            async with _failures("get"):
+                async for chunk in body.iter_chunks(CHUNK):
+                    yield chunk
+
         async def close():
             body.close()
 
-        return StoredImage(answer.get("ContentLength"), body.iter_chunks(CHUNK), close)
+        return StoredImage(answer.get("ContentLength"), chunks(), close)
 
     async def url_for(self, name: str, ttl: int) -> str | None:
         if self.settings.urls != "presigned":
             return None
-        return await self._client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self.key(name)}, ExpiresIn=ttl
-        )
+        async with _failures("presign"):
+            return await self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self.key(name)}, ExpiresIn=ttl
+            )
 
     async def ready(self) -> bool:
         try:
@@ -112,5 +118,7 @@ async def _failures(operation: str):
         if status == 404 or error.get("Code") in ("NoSuchKey", "404", "NotFound"):
             raise _NotFound() from None
         raise StoreUnavailable(f"{operation}: {error.get('Code') or status}", retryable=status >= 500 or status in (408, 429)) from None
+    except NoCredentialsError:
+        raise StoreUnavailable(f"{operation}: no AWS credentials (environment, shared files or web identity)", retryable=False) from None
     except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
         raise StoreUnavailable(f"{operation}: {type(exc).__name__}: {exc}") from None
