@@ -268,3 +268,19 @@ def test_filesystem_store_without_a_key_warns_and_uses_a_private_folder(tmp_path
     assert result.returncode == 0, result.stderr
     assert "images.signing_key is not set" in result.stderr
     assert stat.S_IMODE(os.lstat(tmp_path / f"imgproxy-{os.geteuid()}").st_mode) == 0o700
+
+
+async def test_sweep_deletes_its_own_leftovers_and_nothing_else(client, tmp_path):
+    folder = tmp_path / "images"
+    old = time.time() - 7200
+    leftovers = [folder / f".{'a' * 24}.png.tmp", folder / ".ready-0123abcd"]
+    others = [folder / "README", folder / "lost+found", folder / ".nfs0000000001"]
+    for path in leftovers + [others[0], others[2]]:
+        path.write_bytes(b"x")
+    others[1].mkdir()
+    (folder / f"{'b' * 24}.png").symlink_to(others[0])
+    for path in leftovers + others:
+        os.utime(path, (old, old))
+    client.gateway.store.sweep()
+    assert not any(path.exists() for path in leftovers)
+    assert all(path.exists() for path in others) and (folder / f"{'b' * 24}.png").is_symlink()

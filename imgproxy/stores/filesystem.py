@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import secrets
 import stat
 import threading
@@ -22,6 +23,7 @@ CHUNK = 256 * 1024
 PROBE_BYTES = 4096
 # Opening never follows a link, and never blocks on a FIFO planted under an image's name.
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_LEFTOVER = re.compile(r"^\.(ready-[0-9a-f]+|.+\.tmp)$")
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -197,18 +199,23 @@ class FilesystemImageStore(ImageStore):
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:
             entries = []
+        # Only names this store makes are touched: a shared volume may hold other things.
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
-                if entry.name.startswith("."):
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if _LEFTOVER.match(entry.name):
                     if st.st_mtime < now - 3600:  # a write or probe that never finished
                         os.unlink(entry.path)
-                elif st.st_mtime < cutoff or not stat.S_ISREG(st.st_mode):
-                    os.unlink(entry.path)  # expired, or something that is not one of ours
-                    deleted += stat.S_ISREG(st.st_mode)
+                elif not NAME.match(entry.name):
+                    continue
+                elif st.st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    deleted += 1
                 else:
                     kept.append((st.st_mtime, entry.name, st.st_size))
-            except (FileNotFoundError, IsADirectoryError, PermissionError):
+            except (FileNotFoundError, PermissionError):
                 pass
         kept.sort()
         with self._lock:
