@@ -56,7 +56,7 @@ class S3ImageStore(ImageStore):
 
     async def _put(self, name: str, data: bytes, content_type: str) -> None:
         async with _failures("put"):
-            await self._client.put_object(Bucket=self.bucket, Key=self.key(name), Body=bytes(data), ContentType=content_type)
+            await self._client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data, ContentType=content_type)
 
     async def open(self, name: str) -> StoredImage | None:
         if not NAME.match(name):
