@@ -4,6 +4,7 @@ bucket, and a store that is down or hangs while a paid-for image is being saved.
 
 import asyncio
 import base64
+import glob
 import hashlib
 import hmac
 import json
@@ -90,6 +91,9 @@ def s3_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        for port in (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc):
+            for leftover in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):  # weed leaves its sockets behind
+                os.unlink(leftover)
 
 
 @pytest.fixture
