@@ -80,7 +80,8 @@ class Gateway:
             await asyncio.to_thread(gateway.store.check)
         except UnsafeStore as exc:
             raise ConfigError(source, exc.key, exc.problem) from None
-        if not config.images.signing_key:  # shared stores refuse this in parse_config
+        # (A shared store refuses an unset key in parse_config; presigned S3 URLs do not use it.)
+        if not config.images.signing_key and config.images.store == "filesystem":
             log.warning("images.signing_key is not set: image URLs are valid on this process only, until it restarts")
         await gateway.hooks.each("imgproxy_configure", gateway=gateway)
         return gateway
