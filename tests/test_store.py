@@ -2,6 +2,7 @@
 disk, images.max_bytes holds at every put, the default folder is this user's alone, and only
 plain files the store wrote are ever served (no symlinks, hard links or FIFOs)."""
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -136,6 +137,16 @@ async def test_max_bytes_deletes_the_oldest_images_first(make_client, tmp_path):
     for url in urls[1:]:
         assert await (await download(client, url)).read() == FAKE_PNG
     assert store_ops(client, "evict") == 1
+
+
+async def test_max_bytes_holds_under_concurrent_puts(make_client, tmp_path):
+    folder = tmp_path / "images"
+    client = await make_client(extra=f"  max_bytes: {3 * len(FAKE_PNG)}")
+    urls = await asyncio.gather(*(hosted(client) for _ in range(12)))
+    assert on_disk(folder) <= 3 * len(FAKE_PNG)
+    served = [(await download(client, url)).status for url in urls]
+    assert served.count(200) == 3 and served.count(410) == 9
+    assert store_ops(client, "evict") == 9
 
 
 async def test_max_bytes_counts_images_stored_before_a_restart(make_client, tmp_path):

@@ -45,9 +45,11 @@ class FilesystemImageStore(ImageStore):
         self.max_bytes = max_bytes  # 0: no cap
         self.sweep_interval = sweep_interval
         # Stored images oldest first, name -> size, and their total: the cap is kept at every
-        # put, not only at sweeps. Rebuilt from the folder at start and at every sweep.
+        # put, not only at sweeps. Rebuilt from the folder at start and at every sweep. Images
+        # being written count in `_pending_bytes` but are never evicted (their URLs are not out yet).
         self._index: OrderedDict[str, int] = OrderedDict()
         self.total_bytes = 0
+        self._pending_bytes = 0
         self._lock = threading.Lock()
         self._sweeper: asyncio.Task | None = None
 
@@ -88,7 +90,7 @@ class FilesystemImageStore(ImageStore):
         size = len(data)
         if self.max_bytes and size > self.max_bytes:
             raise StoreUnavailable(f"an image of {size} bytes is larger than images.max_bytes", retryable=False)
-        self._reserve(name, size)
+        self._reserve(size)
         try:
             try:
                 # The private folder is checked at every put: it may have been deleted and made
@@ -101,11 +103,12 @@ class FilesystemImageStore(ImageStore):
                     self._recreated()
                 self._write(name, data)
         except UnsafeStore as exc:
-            self._release(name)
+            self._settle(None, size)
             raise StoreUnavailable(exc.problem, retryable=False) from None
         except OSError as exc:
-            self._release(name)
+            self._settle(None, size)
             raise StoreUnavailable(f"{self.directory}: {exc.strerror or exc}", retryable=exc.errno in (errno.EINTR, errno.EAGAIN)) from None
+        self._settle(name, size)
 
     def _recreated(self) -> None:
         self.count("recreate", True)
@@ -123,28 +126,42 @@ class FilesystemImageStore(ImageStore):
                 os.unlink(tmp)
             raise
 
-    def _reserve(self, name: str, size: int) -> None:
-        """Count the new image in, deleting the oldest ones until the total fits the cap."""
-        evicted = []
+    def _reserve(self, size: int) -> None:
+        """Before writing: count the new image in, deleting the oldest stored ones until the
+        total fits the cap."""
         with self._lock:
-            self._index[name] = size
-            self.total_bytes += size
-            while self.max_bytes and self.total_bytes > self.max_bytes:
-                old, old_size = self._index.popitem(last=False)
-                self.total_bytes -= old_size
-                evicted.append(old)
+            self._pending_bytes += size
+            evicted = self._evict_locked(keep=0)
+        self._delete(evicted)
+
+    def _settle(self, name: str | None, size: int) -> None:
+        """After writing (`name`) or failing (None). Evicts again: writes that overlapped may
+        have found nothing stored yet to evict."""
+        with self._lock:
+            self._pending_bytes -= size
+            if name is not None and name not in self._index:  # a sweep may have counted it already
+                self._index[name] = size
+                self.total_bytes += size
+            evicted = self._evict_locked(keep=1 if name is not None else 0)
+        self._delete(evicted)
+
+    def _evict_locked(self, keep: int) -> list[str]:
+        """Oldest names to delete so that stored plus pending bytes fit the cap, keeping at
+        least the `keep` newest."""
+        evicted = []
+        while self.max_bytes and self.total_bytes + self._pending_bytes > self.max_bytes and len(self._index) > keep:
+            old, old_size = self._index.popitem(last=False)
+            self.total_bytes -= old_size
+            evicted.append(old)
+        return evicted
+
+    def _delete(self, evicted: list[str]) -> None:
         for old in evicted:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.directory / old)
             self.count("evict", True)
         if evicted:
             log.info("deleted %d oldest images to stay within images.max_bytes", len(evicted))
-
-    def _release(self, name: str) -> None:
-        with self._lock:
-            size = self._index.pop(name, None)
-            if size is not None:
-                self.total_bytes -= size
 
     # -- serving ------------------------------------------------------------------------
     async def open(self, name: str) -> StoredImage | None:
