@@ -268,6 +268,30 @@ async def test_a_store_that_fails_once_is_retried_within_the_deadline(make_clien
         assert await (await download(client, body["data"][0]["url"])).read() == FAKE_PNG
 
 
+async def test_a_store_that_breaks_mid_upload_after_passing_readiness(make_client, s3_env, aiohttp_server, fake_openai):
+    """Readiness is fine, then every upload has its connection cut after the body was sent."""
+    endpoint, bucket = s3_env
+    cut = []
+
+    async def cut_uploads(request, body):
+        if request.method == "PUT":
+            cut.append(request.path)
+            request.transport.close()
+            return web.Response(status=500)  # never reaches the client
+
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        proxy = await relay(aiohttp_server, session, endpoint, cut_uploads)
+        client = await make_client(extra=s3_extra(proxy, prefix="cutup/", more="  store_timeout: 1\n"))
+        assert (await client.get("/readyz")).status == 200
+        calls = len(fake_openai.requests)
+        resp = await client.post(URL, json=GPT_URL, headers=AUTH)
+        body = await images_body(resp)
+        assert resp.headers["x-imgproxy-image-fallback"] == "store_unavailable"
+        assert base64.b64decode(body["data"][0]["b64_json"]) == FAKE_PNG
+        assert len(cut) >= 2 and len(set(cut)) == 1  # retried, always under the same name
+        assert len(fake_openai.requests) == calls + 1
+
+
 async def test_serving_while_the_store_is_down_is_a_503(make_client, s3_env):
     client = await make_client(extra=s3_extra(f"http://127.0.0.1:{free_ports(1)[0]}"))
     url = signed(client, "A" * 24 + ".png", int(time.time()) + 60)
