@@ -162,11 +162,7 @@ def warn_about_start_up(gateway: Gateway) -> None:
             "provider %s has no API key: set %s; until then its models (%s) answer 503 provider_not_configured",
             name, setting, ", ".join(models) or "none",
         )
-    if not config.images.signing_key:
-        log.warning(
-            "images.signing_key is not set (IMGPROXY_SIGNING_KEY in the shipped proxy.yaml): image URLs are signed "
-            "with a random key of this process, so they break on restart and on other replicas"
-        )
+    # (An unset images.signing_key is said by Gateway.load, for check-config too.)
 
 
 def check_config_command(path: str) -> int:

@@ -13,6 +13,7 @@ import yaml
 from . import schemafiles
 from .catalog import Capabilities, capabilities_for
 from .egress import BadEntry, EgressPolicy, policy_for
+from .stores.filesystem import default_directory
 
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -81,14 +82,30 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    bucket: str
+    prefix: str = "images/"
+    endpoint_url: str = ""  # empty: AWS
+    region: str = "us-east-1"
+    urls: str = "gateway"  # gateway | presigned
+
+
+@dataclass(frozen=True)
 class ImagesConfig:
-    directory: str = "/tmp/imgproxy-images"
+    directory: str = ""  # empty: a folder private to this user (stores.filesystem.default_directory)
     url_ttl: int = 3600
     signing_key: bytes = b""
     public_base_url: str = ""
     upstream_urls: str = "rehost"
     sweep_interval: int = 60
     max_image_bytes: int = 64 * 1024 * 1024
+    store: str = "filesystem"
+    s3: S3Config | None = None
+    max_bytes: int = 0  # 0: no cap
+    store_timeout: float = 10.0
+    on_store_failure: str = "inline"  # inline | error
+    # The folder is the built-in default, which must be ours alone.
+    private_directory: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,7 +207,7 @@ def parse_config(
         problem = schemafiles.first_error(schemafiles.validator(schema), raw)
         if problem:
             raise ConfigError(source, *problem)
-        return _build(raw, source, refs, provider_types)
+        return _build(raw, source, refs, provider_types, env)
     except ConfigError as exc:
         raise without_values(exc, refs, env) from None
 
@@ -218,7 +235,7 @@ def without_values(error: ConfigError, refs: dict, env) -> ConfigError:
     return ConfigError(error.source, error.path, problem)
 
 
-def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
+def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
     providers = {}
     for name, spec in raw["providers"].items():
         if provider_types is not None and spec["type"] not in provider_types:
@@ -272,12 +289,7 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         raise ConfigError(source, ["default_model"], f"no model or alias named {_shown(default_model, ['default_model'], refs)}")
 
     server = ServerConfig(**raw.get("server", {}))
-    images_raw = dict(raw.get("images", {}))
-    key = images_raw.pop("signing_key", "")
-    images = ImagesConfig(
-        signing_key=key.encode(),
-        **{k: v.rstrip("/") if k == "public_base_url" else v for k, v in images_raw.items()},
-    )
+    images = _images(dict(raw.get("images", {})), source, refs, env)
     return Config(
         source=source,
         server=server,
@@ -292,6 +304,33 @@ def _build(raw: dict, source: str, refs: dict, provider_types) -> Config:
         idempotency=IdempotencyConfig(**raw.get("idempotency", {})),
         sections=raw,
         refs=refs,
+    )
+
+
+def _images(images_raw: dict, source: str, refs: dict, env) -> ImagesConfig:
+    key = images_raw.pop("signing_key", "")
+    s3 = images_raw.pop("s3", None)
+    directory = images_raw.pop("directory", "")
+    store = images_raw.get("store", "filesystem")
+    if store == "s3" and s3 is None:
+        raise ConfigError(source, ["images", "s3"], "is required when images.store is s3 (bucket, region ...)")
+    s3 = S3Config(**s3) if s3 is not None else None
+    # Replicas share an S3 store: a random per-process key would make every URL minted by one
+    # replica (or before a restart) fail on the others.
+    if s3 is not None and store == "s3" and s3.urls == "gateway" and not key:
+        names = refs.get("images.signing_key") or ["IMGPROXY_SIGNING_KEY"]
+        raise ConfigError(
+            source, ["images", "signing_key"],
+            f"must be set when images.store is s3 with gateway URLs (replicas share the bucket): set {' or '.join(names)}",
+        )
+    if s3 is not None and s3.urls == "presigned" and images_raw.get("url_ttl", 3600) > 604800:
+        raise ConfigError(source, ["images", "url_ttl"], "presigned S3 URLs last at most 604800 seconds (7 days)")
+    return ImagesConfig(
+        signing_key=key.encode(),
+        s3=s3,
+        directory=directory or default_directory(env),
+        private_directory=not directory,
+        **{k: v.rstrip("/") if k == "public_base_url" else v for k, v in images_raw.items()},
     )
 
 

@@ -15,15 +15,15 @@ import yaml
 from .config import Config, ConfigError, StateConfig, parse_config, read_config_file, without_values
 from .forwarder import Upstream
 from .idempotency import Idempotency
-from .imagestore import FilesystemImageStore, UrlSigner
 from .metrics import Metrics
 from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
 from .routing import RoutingTable
 from .state import MemoryState, State
 from .state_guard import GuardedState
+from .stores import UnsafeStore, UrlSigner, build_store
 
-log = logging.getLogger("imgproxy.state")
+log = logging.getLogger("imgproxy.gateway")
 
 
 class Shared:
@@ -58,12 +58,11 @@ class Gateway:
         self.providers: dict[str, Provider] = {
             name: adapters[spec.type](spec, self.upstream) for name, spec in config.providers.items()
         }
-        self.store = FilesystemImageStore(config.images.directory, config.images.url_ttl, self.metrics.store_operations)
+        self.store = build_store(config.images, self.metrics.store_operations)
         self.signer = UrlSigner(config.images.signing_key or self.shared.signing_key)
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._sweeper: asyncio.Task | None = None
 
     @classmethod
     async def load(
@@ -85,6 +84,16 @@ class Gateway:
             sections.update(contributed or {})
         config = parse_config(text, source=source, env=env, extra_sections=sections, provider_types=adapters)
         gateway = cls(config, pm, adapters, shared)
+        try:
+            await asyncio.to_thread(gateway.store.check)
+        except UnsafeStore as exc:
+            raise ConfigError(source, exc.key, exc.problem) from None
+        # (A shared store refuses an unset key in parse_config; presigned S3 URLs do not use it.)
+        if not config.images.signing_key and config.images.store == "filesystem":
+            log.warning(
+                "images.signing_key is not set (IMGPROXY_SIGNING_KEY in the shipped proxy.yaml): image URLs are signed "
+                "with a random key of this process, so they break on restart and on other replicas"
+            )
         try:
             await gateway.hooks.each("imgproxy_configure", gateway=gateway)
         except ConfigError as exc:  # a plugin's own check: it may quote a value from the environment
@@ -109,16 +118,12 @@ class Gateway:
 
     async def start(self) -> None:
         await self.upstream.start()
-        await asyncio.to_thread(self.store.prepare)
-        self._sweeper = asyncio.create_task(self.store.sweep_forever(self.config.images.sweep_interval))
+        await self.store.start()
         await self.hooks.each("imgproxy_startup", gateway=self)
 
     async def close(self) -> None:
         await self.hooks.each("imgproxy_shutdown", gateway=self)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await self.store.close()
         await self.upstream.close()
 
 

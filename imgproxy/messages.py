@@ -47,6 +47,8 @@ class GeneratedImage:
     content_type: str = "image/png"
     # The image itself, when the adapter decoded it while reading (an image to be hosted).
     data: bytes | bytearray | None = None
+    # Why an image asked for as a URL is returned inline (b64_json) instead, e.g. "store_unavailable".
+    inline_reason: str | None = None
 
     def to_json(self) -> dict:
         out = {}

@@ -76,7 +76,7 @@ class Metrics:
         )
         self.build_info = Gauge("imgproxy_build_info", "Always 1; labels say what is running.", ["version", "python"], registry=registry)
         self.build_info.labels(__version__, platform.python_version()).set(1)
-        for operation in ("put", "get", "sweep"):
+        for operation in ("put", "get", "sweep", "recreate", "evict"):
             for result in ("ok", "error"):
                 self.store_operations.labels(operation, result)
         for result in ("success", "failure"):

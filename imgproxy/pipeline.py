@@ -113,7 +113,7 @@ async def call_provider(ctx: RequestContext) -> web.StreamResponse:
 def images_response(ctx: RequestContext, result: ImagesResult) -> web.Response:
     want = ctx.request.response_format
     for image in result.images:
-        if (image.url if want == "url" else image.b64_json) is None:
+        if (image.url if want == "url" and not image.inline_reason else image.b64_json) is None:
             raise GatewayError(
                 500, f"No plugin turned the provider's answer into response_format '{want}' (is the rewrite plugin disabled?).",
                 type="server_error", code="internal_error",

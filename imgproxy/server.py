@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import GatewayError
 from .gateway import Gateway
-from .imagestore import content_type_of
+from .stores import StoreUnavailable, content_type_of
 from .logs import access_log, request_id_var
 from .messages import RequestContext
 from .pipeline import generate_images
@@ -179,11 +179,29 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
     remaining = expires - int(time.time())
     if remaining <= 0:
         raise GatewayError(410, "This image URL has expired.", code="url_expired")
-    path = gateway.store.path(name)
-    gateway.store.count("get", path is not None)
-    if path is None:
+    try:
+        image = await gateway.store.open(name)
+    except StoreUnavailable:
+        raise GatewayError(503, "The image store is not answering; try again shortly.", type="server_error", code="image_store_unavailable") from None
+    if image is None:
         raise GatewayError(410, "This image is no longer stored.", code="image_gone")
-    return web.FileResponse(path, headers={"Content-Type": content_type_of(name), "Cache-Control": f"private, max-age={remaining}"})
+    try:
+        response = web.StreamResponse(headers={"Content-Type": content_type_of(name), "Cache-Control": f"private, max-age={remaining}"})
+        if image.size is not None:
+            response.content_length = image.size
+        await response.prepare(request)
+        try:
+            async for chunk in image.chunks:
+                await response.write(chunk)
+        except StoreUnavailable as exc:
+            # The status is sent: cut the connection so the client sees a short body, not an image.
+            log.warning("image store failed while serving an image: %s", exc.reason)
+            request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+    finally:
+        await image.close()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -196,7 +214,7 @@ async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     checks = {
         "config": True,
-        "image_store": await asyncio.to_thread(runtime.gateway.store.writable),
+        "image_store": await runtime.gateway.store.ready(),
         "state": await runtime.shared.state.ping(),
         "shutting_down": runtime.shutting_down,
     }

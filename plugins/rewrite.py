@@ -13,9 +13,10 @@ import binascii
 import time
 from urllib.parse import urlencode
 
-from imgproxy.errors import upstream_error
+from imgproxy.errors import GatewayError, upstream_error
 from imgproxy.hookspecs import hookimpl
 from imgproxy.messages import GeneratedImage, RequestContext
+from imgproxy.stores import StoreUnavailable
 
 FETCH_TIMEOUT = 60.0
 
@@ -43,16 +44,29 @@ class RewritePlugin:
             image.b64_json, image.url, image.data = base64.b64encode(image.data).decode(), None, None
             return
         if image.data is not None:  # decoded by the adapter as it arrived
-            image.url, image.data = await self._host(ctx, image.data, image.content_type), None
+            data = image.data
         elif image.b64_json is not None:
             try:
                 data = base64.b64decode(image.b64_json, validate=True)
             except binascii.Error:
                 raise upstream_error("The provider returned an image that is not valid base64.", code="upstream_bad_response") from None
-            image.url, image.b64_json = await self._host(ctx, data, image.content_type), None
         elif images.upstream_urls == "rehost":
             data, image.content_type = await self._fetch(ctx, image.url)
-            image.url = await self._host(ctx, data, image.content_type)
+        else:
+            return
+        try:
+            image.url, image.b64_json, image.data = await self._host(ctx, data, image.content_type), None, None
+        except StoreUnavailable:
+            # The image is paid for: never lost because the store is down.
+            if images.on_store_failure == "error":
+                raise GatewayError(
+                    503, "The generated image could not be stored for a URL; ask for response_format b64_json or try again.",
+                    type="server_error", code="image_store_unavailable",
+                ) from None
+            image.url, image.data = None, None
+            image.b64_json = image.b64_json or base64.b64encode(data).decode()
+            image.inline_reason = "store_unavailable"
+            ctx.response_headers["x-imgproxy-image-fallback"] = "store_unavailable"
 
     async def _fetch(self, ctx: RequestContext, url: str) -> tuple[bytes, str]:
         return await ctx.gateway.upstream.fetch_image(
@@ -62,6 +76,9 @@ class RewritePlugin:
     async def _host(self, ctx: RequestContext, data: bytes, content_type: str) -> str:
         gateway = ctx.gateway
         name = await gateway.store.put(data, content_type)
+        direct = await gateway.store.url_for(name, gateway.config.images.url_ttl)
+        if direct is not None:
+            return direct
         expires = int(time.time()) + gateway.config.images.url_ttl
         query = urlencode({"expires": expires, "signature": gateway.signer.signature(name, expires)})
         base = gateway.config.images.public_base_url or f"{ctx.http.scheme}://{ctx.http.host}"
