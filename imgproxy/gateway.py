@@ -4,7 +4,6 @@ shared resources (connection pool, image store) they use."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
