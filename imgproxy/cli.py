@@ -162,7 +162,12 @@ def warn_about_start_up(gateway: Gateway) -> None:
             "provider %s has no API key: set %s; until then its models (%s) answer 503 provider_not_configured",
             name, setting, ", ".join(models) or "none",
         )
-    # (An unset images.signing_key is said by Gateway.load, for check-config too.)
+    # A shared store refuses an unset key when the config loads; presigned S3 URLs do not use it.
+    if not config.images.signing_key and config.images.store == "filesystem":
+        log.warning(
+            "images.signing_key is not set (IMGPROXY_SIGNING_KEY in the shipped proxy.yaml): image URLs are signed "
+            "with a random key of this process, so they break on restart and on other replicas"
+        )
 
 
 def check_config_command(path: str) -> int:
@@ -171,6 +176,7 @@ def check_config_command(path: str) -> int:
     except ConfigError as exc:
         print(f"imgproxy: invalid config: {exc}", file=sys.stderr)
         return 1
+    warn_about_start_up(gateway)
     rows = [("MODEL", "ALIASES", "PROVIDER", "UPSTREAM MODEL", "KEY")]
     missing = missing_keys(gateway)
     for name, aliases, provider, upstream in gateway.routing.rows():

@@ -87,12 +87,6 @@ class Gateway:
             await asyncio.to_thread(gateway.store.check)
         except UnsafeStore as exc:
             raise ConfigError(source, exc.key, exc.problem) from None
-        # (A shared store refuses an unset key in parse_config; presigned S3 URLs do not use it.)
-        if not config.images.signing_key and config.images.store == "filesystem":
-            log.warning(
-                "images.signing_key is not set (IMGPROXY_SIGNING_KEY in the shipped proxy.yaml): image URLs are signed "
-                "with a random key of this process, so they break on restart and on other replicas"
-            )
         try:
             await gateway.hooks.each("imgproxy_configure", gateway=gateway)
         except ConfigError as exc:  # a plugin's own check: it may quote a value from the environment
