@@ -26,6 +26,9 @@ RUNTIME = web.AppKey("runtime", Runtime)
 REQUEST_ID = web.RequestKey("request_id", str)
 CONTEXT = web.RequestKey("context", RequestContext)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# A signed image URL as UrlSigner writes it: a Unix time and a hex HMAC-SHA256.
+_EXPIRES = re.compile(r"[1-9][0-9]{0,11}")
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
 # Probes and scrapes: no access log line, no request metrics.
 QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
 MAX_BODY_CEILING = 1024**3
@@ -169,12 +172,8 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
     """Serve a hosted image to whoever holds its signed URL (the URL is the credential)."""
     gateway = request.app[RUNTIME].gateway
     name = request.match_info["name"]
-    try:
-        expires = int(request.query.get("expires", ""))
-    except ValueError:
-        expires = None
-    signature = request.query.get("signature", "")
-    if expires is None or not gateway.signer.verify(name, expires, signature):
+    expires = _signed_url_expiry(gateway, name, request.query)
+    if expires is None:
         raise GatewayError(403, "This image URL is not valid: its signature does not match.", code="invalid_signature")
     remaining = expires - int(time.time())
     if remaining <= 0:
@@ -184,6 +183,16 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
     if path is None:
         raise GatewayError(410, "This image is no longer stored.", code="image_gone")
     return web.FileResponse(path, headers={"Content-Type": content_type_of(name), "Cache-Control": f"private, max-age={remaining}"})
+
+
+def _signed_url_expiry(gateway: Gateway, name: str, query) -> int | None:
+    """The expiry of a correctly signed image URL, else None. Every part is checked for the form
+    the gateway itself writes before it is used: int() would take " 7" or "٧", and
+    hmac.compare_digest raises TypeError on non-ASCII text."""
+    expires, signature = query.get("expires", ""), query.get("signature", "")
+    if not (_EXPIRES.fullmatch(expires) and _SIGNATURE.fullmatch(signature)):
+        return None
+    return int(expires) if gateway.signer.verify(name, int(expires), signature) else None
 
 
 async def healthz(request: web.Request) -> web.Response:
