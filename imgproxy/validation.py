@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
-from . import schemafiles
+from . import schemafiles, untrusted_json
 from .catalog import OPTIONAL_PARAMETERS, Capabilities
 from .errors import GatewayError, invalid_request
 from .messages import ImageRequest
@@ -36,8 +34,10 @@ async def read_json_body(http: web.Request, max_bytes: int) -> dict:
             if len(raw) > max_bytes:
                 raise _too_large(max_bytes)
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = untrusted_json.loads(raw, text_only=True)
+    except untrusted_json.UntrustedJsonError as exc:
+        raise invalid_request(f"The request body is JSON this gateway does not accept: {exc}.", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise invalid_request(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.", code="invalid_json")
