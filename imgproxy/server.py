@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import GatewayError
 from .gateway import Gateway
-from .imagestore import content_type_of
+from .imagestore import UrlSigner, content_type_of
 from .logs import access_log, request_id_var
 from .messages import RequestContext
 from .pipeline import generate_images
@@ -172,12 +172,7 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
     """Serve a hosted image to whoever holds its signed URL (the URL is the credential)."""
     gateway = request.app[RUNTIME].gateway
     name = request.match_info["name"]
-    expires = _signed_url_expiry(gateway, name, request.query)
-    if expires is None:
-        raise GatewayError(403, "This image URL is not valid: its signature does not match.", code="invalid_signature")
-    remaining = expires - int(time.time())
-    if remaining <= 0:
-        raise GatewayError(410, "This image URL has expired.", code="url_expired")
+    remaining = check_image_url(gateway.signer, name, request.query, int(time.time()))
     path = gateway.store.path(name)
     gateway.store.count("get", path is not None)
     if path is None:
@@ -185,14 +180,18 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={"Content-Type": content_type_of(name), "Cache-Control": f"private, max-age={remaining}"})
 
 
-def _signed_url_expiry(gateway: Gateway, name: str, query) -> int | None:
-    """The expiry of a correctly signed image URL, else None. Every part is checked for the form
-    the gateway itself writes before it is used: int() would take " 7" or "٧", and
-    hmac.compare_digest raises TypeError on non-ASCII text."""
+def check_image_url(signer: UrlSigner, name: str, query, now: int) -> int:
+    """The seconds left on a correctly signed, unexpired image URL; else 403 or 410. Each part
+    must have the form the gateway writes before it is used: int() would take " 7" or "٧",
+    hmac.compare_digest raises TypeError on non-ASCII text, and names are ASCII tokens."""
     expires, signature = query.get("expires", ""), query.get("signature", "")
-    if not (_EXPIRES.fullmatch(expires) and _SIGNATURE.fullmatch(signature)):
-        return None
-    return int(expires) if gateway.signer.verify(name, int(expires), signature) else None
+    well_formed = name.isascii() and _EXPIRES.fullmatch(expires) and _SIGNATURE.fullmatch(signature)
+    if not (well_formed and signer.verify(name, int(expires), signature)):
+        raise GatewayError(403, "This image URL is not valid: its signature does not match.", code="invalid_signature")
+    remaining = int(expires) - now
+    if remaining <= 0:
+        raise GatewayError(410, "This image URL has expired.", code="url_expired")
+    return remaining
 
 
 async def healthz(request: web.Request) -> web.Response:
