@@ -16,7 +16,7 @@ from . import __version__, untrusted_json
 from .config import ProviderConfig
 from .errors import GatewayError, upstream_error
 from .inline_images import InlineImageError, InlineImageReader
-from .messages import RequestContext, StreamedReply
+from .messages import RequestContext, StreamedReply, token_usage
 
 log = logging.getLogger("imgproxy.upstream")
 
@@ -227,7 +227,7 @@ class StreamTap:
             usage, _ = untrusted_json.raw_decode(self._tail[start:].decode())
         except ValueError:  # UnicodeDecodeError included: an upstream may send anything here
             return
-        self.usage = usage if isinstance(usage, dict) else None
+        self.usage = token_usage(usage)
 
 
 async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamTap) -> web.StreamResponse:

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.conftest import AUTH, CLIENT_KEY, assert_error, images_body
+from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body
+from tests.fakes import FAKE_B64
 
 URL = "/v1/images/generations"
 JSON = {**AUTH, "Content-Type": "application/json"}
@@ -218,3 +219,23 @@ async def test_a_streamed_answer_with_a_deep_usage_is_still_served(client, fake_
     resp = await client.post(URL, json={"model": "dall-e-3", "prompt": "x", "response_format": "b64_json"}, headers=AUTH)
     assert resp.status == 200
     assert await resp.read() == raw
+
+
+# Found by tests/test_fuzz.py's upstream fuzzing: fields of the right name and the wrong type.
+async def test_usage_whose_counts_are_not_counts_is_dropped_not_billed_from(client, fake_openai):
+    for usage in [{"output_tokens": "many"}, {"input_tokens_details": "x"}, {"input_tokens": -5}, {"total_tokens": True}, "100"]:
+        fake_openai.cue(body={"created": 1, "data": [{"b64_json": FAKE_B64}], "usage": usage})
+        body = await images_body(await client.post(URL, json={"model": "gpt-image-1", "prompt": "x"}, headers=AUTH))
+        assert "usage" not in body and body["data"][0]["b64_json"] == FAKE_B64
+
+
+async def test_an_output_format_that_is_not_text_is_ignored(client, fake_openai):
+    fake_openai.cue(body={"created": 1, "data": [{"b64_json": FAKE_B64}], "output_format": {"png": 1}})
+    body = await images_body(await client.post(URL, json={"model": "dall-e-2", "prompt": "x"}, headers=AUTH))
+    assert (await download(client, body["data"][0]["url"])).headers["Content-Type"] == "image/png"
+
+
+async def test_an_upstream_error_type_that_is_not_text_is_not_relayed(client, fake_openai):
+    fake_openai.cue(status=400, body={"error": {"message": "no", "type": True, "code": None}})
+    error = await assert_error(await client.post(URL, json={"model": "dall-e-3", "prompt": "x"}, headers=AUTH), 400, None)
+    assert error["type"] == "invalid_request_error"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import GatewayError, upstream_error
-from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply
+from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply, token_usage
 from .base import Provider, log
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -90,7 +90,8 @@ class OpenAIProvider(Provider):
         if decoded is not None and len(decoded) != sum(isinstance(item.get("b64_json"), str) for item in data):
             raise upstream_error(f"The provider '{self.config.name}' returned images outside its image list.", code="upstream_bad_response")
         inline = iter(decoded or ())
-        content_type = CONTENT_TYPES.get(body.get("output_format") or request.options.get("output_format") or "png")
+        answered = body.get("output_format") if isinstance(body.get("output_format"), str) else None
+        content_type = CONTENT_TYPES.get(answered or request.options.get("output_format") or "png")
         images = []
         for item in data:
             b64, url, revised = item.get("b64_json"), item.get("url"), item.get("revised_prompt")
@@ -104,30 +105,31 @@ class OpenAIProvider(Provider):
         return ImagesResult(
             created=created if isinstance(created, int) else 0,
             images=images,
-            usage=body.get("usage") if isinstance(body.get("usage"), dict) else None,
+            usage=token_usage(body.get("usage")),
             extra={k: body[k] for k in RESPONSE_EXTRAS if isinstance(body.get(k), str)},
         )
 
     def map_error(self, status: int, body: dict, resp) -> GatewayError:
         error = body.get("error") if isinstance(body.get("error"), dict) else {}
         code = error.get("code") if isinstance(error.get("code"), str) else None
+        kind = error.get("type") if isinstance(error.get("type"), str) else None  # relayed in the envelope: text only
         message = self.redact(str(error.get("message") or f"HTTP {status}"))
         if status in (401, 403):
             return self.credentials_rejected(status)
-        if code in POLICY_CODES or (status == 400 and error.get("type") == "image_generation_user_error"):
-            return GatewayError(400, message, type=error.get("type") or "invalid_request_error", code=code or "content_policy_violation")
+        if code in POLICY_CODES or (status == 400 and kind == "image_generation_user_error"):
+            return GatewayError(400, message, type=kind or "invalid_request_error", code=code or "content_policy_violation")
         if status == 429 and code == "insufficient_quota":
             log.error("provider %s reports its account is out of quota", self.config.name)
             return upstream_error(f"The provider '{self.config.name}' account has no quota left.", code="upstream_quota_exceeded")
         if status == 429:
             retry = resp.headers.get("Retry-After")
             return GatewayError(
-                429, message, type=error.get("type") or "requests", code=code or "rate_limit_exceeded",
+                429, message, type=kind or "requests", code=code or "rate_limit_exceeded",
                 headers={"Retry-After": retry} if retry else None,
             )
         if status in (400, 422):
             param = error.get("param") if isinstance(error.get("param"), str) else None
-            return GatewayError(400, message, type=error.get("type") or "invalid_request_error", code=code, param=param)
+            return GatewayError(400, message, type=kind or "invalid_request_error", code=code, param=param)
         return self.upstream_error_for_status(status)
 
 
