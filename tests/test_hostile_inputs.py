@@ -164,12 +164,32 @@ async def test_odd_header_bytes_are_not_a_500(client, fake_openai, header):
     assert "traceparent" not in sent
 
 
-@pytest.mark.parametrize("header", [b"traceparent: \x01\x7f", b"x-request-id: a\x00b", b"x-request-id: " + b"a" * 9000])
-async def test_headers_the_http_parser_refuses_are_400(client, fake_openai, header):
+@pytest.mark.parametrize("token", [b"\xff\xfe", "\u00e9".encode(), b"\xed\xa0\x80", CLIENT_KEY.encode() + b"\xff"])
+async def test_api_keys_that_are_not_utf8_are_401(client, fake_openai, token):
+    body = json.dumps({"model": "dall-e-3", "prompt": "x"}).encode()
+    head = b"POST " + URL.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer " + token
+    status, answer = await raw_request(client, head, body)
+    assert (status, answer["error"]["code"]) == (401, "invalid_api_key"), answer
+    assert fake_openai.requests == []
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\ntraceparent: \x01\x7f",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nx-request-id: a\x00b",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nx-request-id: " + b"a" * 9000,
+        b"GET /v1/images/files/\xff\xfe.png?expires=1&signature=2 HTTP/1.1\r\nHost: x",
+        b"GET /healthz?\xff=\xff HTTP/1.1\r\nHost: x",
+        b"GET /\x00 HTTP/1.1\r\nHost: x",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x",
+    ],
+)
+async def test_what_the_http_parser_refuses_is_400(client, head):
     # Refused by aiohttp's HTTP parser before any gateway code runs: a plain-text 400 (the
     # one refusal that is not an envelope, see docs/security-inputs.md), never a 500.
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
+    writer.write(head + b"\r\nConnection: close\r\n\r\n")
     answer = await reader.read()
     writer.close()
     assert answer.split(b" ", 2)[1] == b"400", answer[:200]
