@@ -2,10 +2,12 @@
 bodies, headers, paths and query strings from clients, and answers from upstreams."""
 
 import asyncio
+import gzip
 import hashlib
 import hmac
 import json
 import time
+import zlib
 
 import pytest
 
@@ -46,6 +48,22 @@ async def test_bodies_the_parser_refuses_are_400(client, fake_openai, raw, words
     error = await assert_error(resp, 400, "invalid_json")
     assert words.lower() in error["message"].lower()
     assert fake_openai.requests == []
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_compressed_bodies_are_decoded_counted_and_checked(make_client, fake_openai, encoding):
+    client = await make_client(extra="server: {max_body_bytes: 2048}")
+    compress = gzip.compress if encoding == "gzip" else zlib.compress
+    good = compress(json.dumps({"model": "dall-e-3", "prompt": "a lighthouse"}).encode())
+    await images_body(await client.post(URL, data=good, headers={**JSON, "Content-Encoding": encoding}))
+    # Under the limit as sent, 50 times over it once inflated: counted as it is decoded.
+    bomb = compress(b'{"model": "dall-e-3", "prompt": "' + b"x" * 100_000 + b'"}')
+    assert len(bomb) < 2048
+    await assert_error(await client.post(URL, data=bomb, headers={**JSON, "Content-Encoding": encoding}), 413, "request_too_large")
+    resp = await client.post(URL, data=b"0123456789", headers={**JSON, "Content-Encoding": encoding})
+    error = await assert_error(resp, 400, "invalid_content_encoding")
+    assert encoding in error["message"] or "decod" in error["message"]
+    assert len(fake_openai.requests) == 1
 
 
 async def test_escaped_surrogate_pairs_are_text(client, fake_openai):
