@@ -16,6 +16,7 @@ from imgproxy.catalog import CATALOG
 from imgproxy.errors import GatewayError
 from imgproxy.gateway import Gateway
 from imgproxy.imagestore import UrlSigner
+from imgproxy.inline_images import InlineImageError, InlineImageReader
 from imgproxy.server import check_image_url
 from imgproxy.validation import check_capabilities, check_schema
 from tests.conftest import gateway_config
@@ -187,3 +188,32 @@ def test_signed_expired_and_forged_urls():
         with pytest.raises(GatewayError) as caught:
             check_image_url(SIGNER, name, {"expires": expires, "signature": signature}, NOW)
         assert caught.value.status == status
+
+
+answer_bytes = st.one_of(
+    st.binary(max_size=300),
+    st.builds(
+        lambda value, cut: json.dumps(value).encode()[:cut],
+        st.fixed_dictionaries({"created": json_values, "data": st.lists(st.fixed_dictionaries({"b64_json": st.sampled_from(["aGk=", "aGk", "a\\/b=", "!!", ""]) | st.text(max_size=8)}), max_size=3)}),
+        st.integers(0, 400),
+    ),
+)
+
+
+@SETTINGS
+@given(raw=answer_bytes, cuts=st.lists(st.integers(0, 400), max_size=4))
+@example(raw=b'{"data": [{"b64_json": "aGk="}], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", cuts=[7, 30])
+def test_the_inline_image_reader_raises_only_its_own_error(raw, cuts):
+    """Any bytes, cut anywhere: the reader that decodes hosted images as they arrive either
+    returns an object and its images or raises InlineImageError (which becomes a 502)."""
+    reader = InlineImageReader()
+    last = 0
+    try:
+        for cut in sorted(cuts):
+            reader.feed(raw[last:cut])
+            last = max(last, cut)
+        reader.feed(raw[last:])
+        body, images = reader.finish()
+    except InlineImageError:
+        return
+    assert isinstance(body, dict) and all(isinstance(image, bytearray) for image in images)
