@@ -6,11 +6,14 @@ merged over it key by key. Sources: OpenAI's Images API reference and Stability'
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Optional OpenAI parameters that only some models take; `prompt`, `model`, `n`, `size`,
 # `quality`, `style`, `response_format`, `user` and `moderation` are checked separately.
 OPTIONAL_PARAMETERS = ("background", "output_format", "output_compression", "stream", "partial_images")
+# WIDTHxHEIGHT in ASCII digits, nothing before or after (int() would also take " 64", "64\n" or "٦٤").
+CUSTOM_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 
 SDXL_SIZES = (
     "1024x1024", "1152x896", "1216x832", "1344x768", "1536x640",
@@ -135,8 +138,8 @@ class Capabilities:
             return True
         if self.custom_sizes is None or size == "auto":
             return False
-        width, _, height = size.partition("x")
-        return self.custom_sizes.allows(int(width), int(height))
+        match = CUSTOM_SIZE.fullmatch(size)
+        return match is not None and self.custom_sizes.allows(int(match[1]), int(match[2]))
 
     @classmethod
     def from_dict(cls, spec: dict) -> "Capabilities":

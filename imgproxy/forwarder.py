@@ -6,22 +6,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
-from . import __version__
+from . import __version__, untrusted_json
 from .config import ProviderConfig
 from .egress import AddressPolicy, AddressRefused, CheckingResolver, UrlRefused
 from .errors import GatewayError, upstream_error
 from .inline_images import InlineImageError, InlineImageReader
-from .messages import RequestContext, StreamedReply
+from .messages import RequestContext, StreamedReply, token_usage
 from .redaction import redact
 
 log = logging.getLogger("imgproxy.upstream")
 
 MAX_JSON_BYTES = 256 * 1024 * 1024  # n=10 large PNGs as base64 stay well below this
+# W3C Trace Context: version-traceid-parentid-flags in lowercase hex.
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 class Upstream:
@@ -66,7 +69,7 @@ class Upstream:
         headers["x-request-id"] = ctx.request_id
         headers.setdefault("Accept-Encoding", "identity")
         traceparent = ctx.http.headers.get("traceparent")
-        if traceparent:
+        if traceparent and TRACEPARENT.fullmatch(traceparent):  # never relay a client's arbitrary bytes
             headers["traceparent"] = traceparent
         client_timeout = self._timeouts.get((timeout, provider.connect_timeout))
         if client_timeout is None:
@@ -105,9 +108,9 @@ class Upstream:
         """The answer as a JSON object, or 502 for anything else (garbage, truncation, HTML)."""
         try:
             raw = await _read_limited(resp, MAX_JSON_BYTES)
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            log.warning("provider %s sent a body that is not JSON (status %s)", provider.name, resp.status)
+            body = untrusted_json.loads(raw)
+        except ValueError as exc:  # not JSON, not UTF-8, or beyond untrusted_json's bounds
+            log.warning("provider %s sent a body that is not JSON (status %s): %s", provider.name, resp.status, str(exc)[:200])
             body = None
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise failure(exc, provider, None) from None
@@ -273,10 +276,13 @@ class StreamTap:
         if at < 0:
             return
         start = self._tail.find(b"{", at)
+        if start < 0:
+            return
         try:
-            self.usage, _ = json.JSONDecoder().raw_decode(self._tail[start:].decode())
-        except (ValueError, UnicodeDecodeError):
-            self.usage = None
+            usage, _ = untrusted_json.raw_decode(self._tail[start:].decode())
+        except ValueError:  # UnicodeDecodeError included: an upstream may send anything here
+            return
+        self.usage = token_usage(usage)
 
 
 async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamTap) -> web.StreamResponse:

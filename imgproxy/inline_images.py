@@ -9,7 +9,8 @@ revised prompts…) is kept as a small JSON skeleton in which each `b64_json` va
 from __future__ import annotations
 
 import binascii
-import json
+
+from . import untrusted_json
 
 KEY = b'"b64_json"'
 _WHITESPACE = b" \t\r\n"
@@ -97,8 +98,8 @@ class InlineImageReader:
             raise InlineImageError("the answer ends inside an image")
         self._skeleton += self._pending
         try:
-            body = json.loads(self._skeleton)
-        except (ValueError, UnicodeDecodeError):
+            body = untrusted_json.loads(self._skeleton)
+        except ValueError:  # UnicodeDecodeError and untrusted_json's bounds included
             raise InlineImageError("the answer is not JSON") from None
         if not isinstance(body, dict):
             raise InlineImageError("the answer is not a JSON object")

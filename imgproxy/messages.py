@@ -80,6 +80,25 @@ class ImagesResult:
         return body
 
 
+_TOKEN_COUNTS = ("total_tokens", "input_tokens", "output_tokens")
+_TOKEN_DETAILS = ("text_tokens", "image_tokens")
+
+
+def token_usage(value) -> dict | None:
+    """An upstream's `usage` object if its token counts are counts, else None: usage is billed
+    from, so a string or a negative count must not reach the cost arithmetic."""
+    if not isinstance(value, dict) or not _counts(value, _TOKEN_COUNTS):
+        return None
+    details = value.get("input_tokens_details")
+    if details is not None and not (isinstance(details, dict) and _counts(details, _TOKEN_DETAILS)):
+        return None
+    return value
+
+
+def _counts(table: dict, names: tuple[str, ...]) -> bool:
+    return all(type(table.get(name, 0)) is int and table.get(name, 0) >= 0 for name in names)
+
+
 @dataclass
 class StreamedReply:
     """An upstream answer to forward to the client as it arrives, without holding it whole."""

@@ -16,9 +16,37 @@ def load(name: str) -> dict:
     return json.loads(resources.files("imgproxy.schemas").joinpath(name).read_text("utf-8"))
 
 
+@cache
+def ecma_regex(pattern: str) -> re.Pattern:
+    r"""A JSON Schema `pattern` (ECMA-262) as a Python regex. In ECMA-262 `$` is the end of the
+    string; Python's `$` also matches before a final newline, so "64x64\n" would pass
+    "^[0-9]+x[0-9]+$". Every `$` outside a character class becomes `\Z`."""
+    out, in_class, i = [], False, 0
+    while i < len(pattern):
+        token = pattern[i : i + 2] if pattern[i] == "\\" else pattern[i]
+        i += len(token)
+        if in_class:
+            in_class = token != "]"
+        elif token == "[":
+            in_class = True
+        elif token == "$":
+            token = r"\Z"
+        out.append(token)
+    return re.compile("".join(out))
+
+
+def _pattern(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not ecma_regex(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# Draft 2020-12 with ECMA-262 semantics for `pattern`, as JSON Schema specifies.
+_Validator = jsonschema.validators.extend(Draft202012Validator, {"pattern": _pattern})
+
+
 def validator(schema: dict) -> Draft202012Validator:
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    _Validator.check_schema(schema)
+    return _Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 def first_error(validator: Draft202012Validator, instance) -> tuple[list, str] | None:
@@ -151,7 +179,7 @@ def _compile_property(spec: dict):
     if "maxLength" in spec:
         tests.append(lambda v, m=spec["maxLength"]: type(v) is not str or len(v) <= m)
     if "pattern" in spec:
-        pattern = re.compile(spec["pattern"])
+        pattern = ecma_regex(spec["pattern"])
         tests.append(lambda v: type(v) is not str or pattern.search(v) is not None)
     tests = tuple(tests)
 

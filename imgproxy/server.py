@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import GatewayError
 from .gateway import Gateway
-from .stores import StoreUnavailable, content_type_of
+from .stores import StoreUnavailable, UrlSigner, content_type_of
 from .logs import access_log, request_id_var
 from .messages import RequestContext
 from .pipeline import generate_images
@@ -26,6 +26,9 @@ RUNTIME = web.AppKey("runtime", Runtime)
 REQUEST_ID = web.RequestKey("request_id", str)
 CONTEXT = web.RequestKey("context", RequestContext)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# A signed image URL as UrlSigner writes it: a Unix time and a hex HMAC-SHA256.
+_EXPIRES = re.compile(r"[1-9][0-9]{0,11}")
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
 # Probes and scrapes: no access log line, no request metrics.
 QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
 MAX_BODY_CEILING = 1024**3
@@ -169,16 +172,7 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
     """Serve a hosted image to whoever holds its signed URL (the URL is the credential)."""
     gateway = request.app[RUNTIME].gateway
     name = request.match_info["name"]
-    try:
-        expires = int(request.query.get("expires", ""))
-    except ValueError:
-        expires = None
-    signature = request.query.get("signature", "")
-    if expires is None or not gateway.signer.verify(name, expires, signature):
-        raise GatewayError(403, "This image URL is not valid: its signature does not match.", code="invalid_signature")
-    remaining = expires - int(time.time())
-    if remaining <= 0:
-        raise GatewayError(410, "This image URL has expired.", code="url_expired")
+    remaining = check_image_url(gateway.signer, name, request.query, int(time.time()))
     try:
         image = await gateway.store.open(name)
     except StoreUnavailable:
@@ -202,6 +196,20 @@ async def get_image_file(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         await image.close()
+
+
+def check_image_url(signer: UrlSigner, name: str, query, now: int) -> int:
+    """The seconds left on a correctly signed, unexpired image URL; else 403 or 410. Each part
+    must have the form the gateway writes before it is used: int() would take " 7" or "٧",
+    hmac.compare_digest raises TypeError on non-ASCII text, and names are ASCII tokens."""
+    expires, signature = query.get("expires", ""), query.get("signature", "")
+    well_formed = name.isascii() and _EXPIRES.fullmatch(expires) and _SIGNATURE.fullmatch(signature)
+    if not (well_formed and signer.verify(name, int(expires), signature)):
+        raise GatewayError(403, "This image URL is not valid: its signature does not match.", code="invalid_signature")
+    remaining = int(expires) - now
+    if remaining <= 0:
+        raise GatewayError(410, "This image URL has expired.", code="url_expired")
+    return remaining
 
 
 async def healthz(request: web.Request) -> web.Response:

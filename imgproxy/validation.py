@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
-from . import schemafiles
+from . import schemafiles, untrusted_json
 from .catalog import OPTIONAL_PARAMETERS, Capabilities
 from .errors import GatewayError, invalid_request
 from .messages import ImageRequest
@@ -25,19 +23,27 @@ async def read_json_body(http: web.Request, max_bytes: int) -> dict:
             f"Expected a JSON body with Content-Type: application/json, got '{http.content_type or 'none'}'.",
             code="unsupported_media_type",
         )
-    if http.content_length is not None:
-        if http.content_length > max_bytes:
-            raise _too_large(max_bytes)
-        raw = await http.read()  # the app's own limit (MAX_BODY_CEILING) is far above any config
-    else:  # a chunked upload: count as it arrives
-        raw = bytearray()
-        async for chunk in http.content.iter_any():
-            raw += chunk
-            if len(raw) > max_bytes:
-                raise _too_large(max_bytes)
+    if http.content_length is not None and http.content_length > max_bytes:
+        raise _too_large(max_bytes)
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if http.content_length is not None and "Content-Encoding" not in http.headers:
+            raw = await http.read()  # the app's own limit (MAX_BODY_CEILING) is far above any config
+        else:  # chunked, or compressed (a small gzip can inflate to a gigabyte): count as it arrives
+            raw = bytearray()
+            async for chunk in http.content.iter_any():
+                raw += chunk
+                if len(raw) > max_bytes:
+                    raise _too_large(max_bytes)
+    except web.RequestPayloadError:  # bad gzip/deflate data, or chunks that break off
+        encoding = http.headers.get("Content-Encoding", "none")
+        raise invalid_request(
+            f"The request body could not be decoded as sent (Content-Encoding: {encoding}).", code="invalid_content_encoding"
+        ) from None
+    try:
+        body = untrusted_json.loads(raw, text_only=True)
+    except untrusted_json.UntrustedJsonError as exc:
+        raise invalid_request(f"The request body is JSON this gateway does not accept: {exc}.", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise invalid_request(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.", code="invalid_json")

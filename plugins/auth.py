@@ -69,7 +69,8 @@ def section_schema(key_settings: dict) -> dict:
 
 
 def digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+    # surrogateescape: aiohttp decodes header bytes that are not UTF-8 that way; hash the bytes sent.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from ..errors import GatewayError, upstream_error
-from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply
+from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply, token_usage
 from .base import Provider, log, request_param
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -94,7 +94,8 @@ class OpenAIProvider(Provider):
         if decoded is not None and len(decoded) != sum(isinstance(item.get("b64_json"), str) for item in data):
             raise upstream_error(f"The provider '{self.config.name}' returned images outside its image list.", code="upstream_bad_response")
         inline = iter(decoded or ())
-        content_type = CONTENT_TYPES.get(body.get("output_format") or request.options.get("output_format") or "png")
+        answered = body.get("output_format") if isinstance(body.get("output_format"), str) else None
+        content_type = CONTENT_TYPES.get(answered or request.options.get("output_format") or "png")
         images = []
         for item in data:
             b64, url, revised = item.get("b64_json"), item.get("url"), item.get("revised_prompt")
@@ -108,7 +109,7 @@ class OpenAIProvider(Provider):
         return ImagesResult(
             created=created if isinstance(created, int) else 0,
             images=images,
-            usage=_numbers(body["usage"]) if isinstance(body.get("usage"), dict) else None,
+            usage=_numbers(usage) if (usage := token_usage(body.get("usage"))) is not None else None,
             extra={k: body[k] for k in RESPONSE_EXTRAS if self.plain_word(body.get(k))},
         )
 
