@@ -11,10 +11,9 @@ import os
 import secrets
 import sys
 
-from aiohttp import web
 
 from . import __version__
-from . import logs
+from . import listener, logs
 from .config import ConfigError
 from .gateway import Gateway
 from .runtime import Runtime
@@ -90,11 +89,9 @@ def serve_command(args) -> int:
     logging.getLogger("imgproxy").info(
         "imgproxy %s serving %d models on http://%s:%s", __version__, len(config.models), host, port
     )
-    # The drain timeout bounds how long in-flight requests may finish after SIGTERM.
-    web.run_app(
-        create_app(runtime), host=host, port=port, shutdown_timeout=server.drain_timeout, backlog=server.backlog,
-        print=None, access_log=None, loop=loop,
-    )
+    # The drain timeout bounds how long in-flight requests may finish after SIGTERM; the
+    # listener caps connections and header time (docs/security-limits.md).
+    listener.run(create_app(runtime), host=host, port=port, server=server, metrics=gateway.shared.metrics, loop=loop)
     return 0
 
 
