@@ -39,6 +39,7 @@ class ServerConfig:
     header_timeout: float = 10.0
     max_header_bytes: int = 64 * 1024
     keepalive_timeout: float = 75.0
+    max_upstream_buffer_bytes: int = 96 * 1024 * 1024
 
 
 @dataclass(frozen=True)

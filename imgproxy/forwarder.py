@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from . import __version__
+from . import __version__, limits
 from .config import ProviderConfig
 from .errors import GatewayError, upstream_error
 from .inline_images import InlineImageError, InlineImageReader
@@ -174,6 +174,7 @@ async def _limited_chunks(resp: aiohttp.ClientResponse, limit: int, what: str = 
         size += len(chunk)
         if size > limit:
             raise upstream_error(too_large, code="upstream_bad_response")
+        limits.charge(len(chunk))  # held until the response is written: 503 past the process's budget
         yield chunk
 
 

@@ -14,6 +14,7 @@ import yaml
 from .config import Config, parse_config, read_config_file
 from .forwarder import Upstream
 from .imagestore import FilesystemImageStore, UrlSigner
+from .limits import UpstreamBuffer
 from .metrics import Metrics
 from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
@@ -29,6 +30,7 @@ class Shared:
         self.in_flight = 0
         self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.state: State = MemoryState()
+        self.upstream_buffer = UpstreamBuffer(self.metrics)
         # Without a configured key, URLs are valid for this process only (said in the docs).
         self.signing_key = secrets.token_bytes(32)
 

@@ -74,7 +74,7 @@ class Metrics:
         self.config_loaded = Gauge(
             "imgproxy_config_last_reload_success_timestamp_seconds", "When the running config was loaded.", registry=registry
         )
-        # The listeners' defences (imgproxy.listener).
+        # The listeners' defences (imgproxy.listener) and the upstream byte budget (imgproxy.limits).
         self.http_connections = Gauge("imgproxy_http_connections", "Open client connections, by listener.", ["listener"], registry=registry)
         self.http_connections_refused = Counter(
             "imgproxy_http_connections_refused", "Connections closed at once: the listener was at its connection cap.", ["listener"], registry=registry
@@ -85,6 +85,13 @@ class Metrics:
         self.http_parser_errors = Counter(
             "imgproxy_http_parser_errors", "Requests the HTTP parser refused, by reason.", ["reason"], registry=registry
         )
+        self.upstream_buffer_bytes = Gauge(
+            "imgproxy_upstream_buffer_bytes", "Bytes of upstream answers held while being read, all requests together.", registry=registry
+        )
+        self.upstream_buffer_refusals = Counter(
+            "imgproxy_upstream_buffer_refusals", "Requests answered 503 because the upstream byte budget was full, by stage.", ["stage"],
+            registry=registry,
+        )
         self.build_info = Gauge("imgproxy_build_info", "Always 1; labels say what is running.", ["version", "python"], registry=registry)
         self.build_info.labels(__version__, platform.python_version()).set(1)
         for operation in ("put", "get", "sweep"):
@@ -94,6 +101,8 @@ class Metrics:
             self.config_reloads.labels(result)
         for reason in PARSER_ERROR_REASONS:
             self.http_parser_errors.labels(reason)
+        for stage in ("admission", "reading"):
+            self.upstream_buffer_refusals.labels(stage)
         self.config_loaded.set_to_current_time()
         self._children: dict = {}
 

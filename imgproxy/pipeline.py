@@ -27,6 +27,7 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
         check_schema(ctx.body)
         ctx.route = ctx.gateway.routing.resolve(requested_model(ctx))
         ctx.request = check_capabilities(ctx.body, ctx.route)
+        admit_upstream_answer(ctx)
         await ctx.gateway.hooks.each("imgproxy_check_request", ctx=ctx)
         response = await call_provider(ctx)
         ctx.outcome.status = response.status
@@ -56,6 +57,12 @@ async def authenticate(ctx: RequestContext) -> Identity:
             )
         raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
     return identity
+
+
+def admit_upstream_answer(ctx: RequestContext) -> None:
+    # Shed load before any paid call (and before rate limits and budgets are charged) while
+    # the answers being read already fill the process's memory budget: 503 with Retry-After.
+    ctx.gateway.shared.upstream_buffer.admit(ctx.gateway.config.server.max_upstream_buffer_bytes)
 
 
 def requested_model(ctx: RequestContext) -> str:

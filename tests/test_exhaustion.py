@@ -1,9 +1,11 @@
 """Resource exhaustion, against real `imgproxy serve` processes: a flood of connections that
-never finish their headers, and requests the HTTP parser refuses. docs/security-limits.md says what these show."""
+never finish their headers, requests the HTTP parser refuses, and more large upstream answers
+at once than the memory budget holds. docs/security-limits.md says what these show."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -15,11 +17,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+
+from tests.fakes import openai_validator
 
 IMGPROXY = str(Path(sys.executable).parent / "imgproxy")
 CLIENT_KEY = "sk-exhaustion-client-key-0001"
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 MiB = 1024 * 1024
+HELD_BACK = 1024  # bytes of each answer the slow upstream keeps until the test lets them go
 
 
 def free_port() -> int:
@@ -221,3 +227,114 @@ async def test_the_parser_refuses_without_echoing_a_header(gateway):
     log = served.log.read_text()
     assert "SECRET" not in log and "AAAA" not in log and log.count("not valid HTTP") == 5
     assert '"level": "error"' not in log
+
+
+class SlowLargeUpstream:
+    """OpenAI's images endpoint answering gpt-image-1 with a large image, slowly, and holding
+    back its last bytes until the test lets them go."""
+
+    def __init__(self, image_bytes: int) -> None:
+        b64 = base64.b64encode(os.urandom(image_bytes)).decode()
+        usage = {"total_tokens": 100, "input_tokens": 50, "output_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}}
+        self.answer = json.dumps({"created": 1, "data": [{"b64_json": b64}], "usage": usage}).encode()
+        self.calls = 0
+        self.invalid: list[str] = []
+        self.finish = asyncio.Event()
+        self.validator = openai_validator("CreateImageRequest")
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/images/generations", self.generations)
+        return app
+
+    async def generations(self, request: web.Request) -> web.StreamResponse:
+        self.invalid.extend(e.message for e in self.validator.iter_errors(await request.json()))
+        assert request.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+        self.calls += 1
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(self.answer)
+        await resp.prepare(request)
+        step, held_back = 256 * 1024, len(self.answer) - HELD_BACK
+        for at in range(0, held_back, step):
+            await resp.write(self.answer[at : min(at + step, held_back)])
+            await asyncio.sleep(0.005)
+        await self.finish.wait()
+        await resp.write(self.answer[held_back:])
+        await resp.write_eof()
+        return resp
+
+
+async def test_large_upstream_answers_beyond_the_budget_get_503_not_a_growing_heap(gateway, aiohttp_server):
+    upstream = SlowLargeUpstream(15 * MiB)  # a 20 MiB answer
+    fake = await aiohttp_server(upstream.app())
+    budget = 64 * MiB
+    served = await gateway(f"  max_upstream_buffer_bytes: {budget}", upstream=str(fake.make_url("")).rstrip("/"))
+    baseline, peak = served.rss(), 0
+
+    async def sample():
+        nonlocal peak
+        while True:
+            peak = max(peak, served.rss())
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+
+    async def generate() -> tuple[int, dict, dict]:
+        async with session.post(
+            f"http://127.0.0.1:{served.port}/v1/images/generations", json={"model": "gpt-image-1", "prompt": "a large image"},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        ) as resp:
+            return resp.status, dict(resp.headers), await resp.json()
+
+    try:
+        # Three answers being read hold 60 MiB: past three quarters of the budget, a new
+        # request is refused before any upstream call, and the three still complete.
+        first = [asyncio.create_task(generate()) for _ in range(3)]
+        for _ in range(300):
+            if await served.metric("imgproxy_upstream_buffer_bytes") >= 3 * (len(upstream.answer) - HELD_BACK):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the answers were not being read")
+        status, headers, body = await generate()
+        assert (status, body["error"]["code"], headers["Retry-After"]) == (503, "server_overloaded", "5")
+        assert upstream.calls == 3
+        upstream.finish.set()
+        for status, _, body in await asyncio.gather(*first):
+            assert status == 200 and len(body["data"][0]["b64_json"]) == 20 * MiB
+        for _ in range(100):
+            if await served.metric("imgproxy_upstream_buffer_bytes") == 0:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the budget was not released")
+
+        # Six at once (120 MiB) are all admitted (nothing is held yet): each that pushes the
+        # total past the budget fails while reading and gives its room back at once, so that
+        # the three left fit (60 MiB) and complete (more, if one finished early).
+        results = await asyncio.gather(*(generate() for _ in range(6)))
+        failed = [r for r in results if r[0] != 200]
+        assert upstream.calls == 9  # the request refused at admission never reached it
+        assert 1 <= len(failed) <= 3
+        for status, headers, body in failed:
+            assert (status, body["error"]["code"], headers["Retry-After"]) == (503, "server_overloaded", "5")
+        assert await served.metric("imgproxy_upstream_buffer_refusals_total", stage="admission") == 1
+        assert await served.metric("imgproxy_upstream_buffer_refusals_total", stage="reading") == len(failed)
+        # Everything held was given back: nothing leaks from the budget.
+        for _ in range(100):
+            if await served.metric("imgproxy_upstream_buffer_bytes") == 0:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the budget was not released after the failures")
+        assert upstream.invalid == []
+    finally:
+        sampler.cancel()
+        await session.close()
+    print(f"RSS: {baseline / MiB:.0f} MiB at rest, {peak / MiB:.0f} MiB at most; budget {budget / MiB:.0f} MiB")
+    # Every byte charged exists up to three times at once while it is read and answered (the
+    # body read whole, the parsed string, the response being written), and the allocator keeps
+    # some freed memory: growth stays within 5 x the budget (measured: 160-240 MiB), where the
+    # nine answers asked for grew the heap by ~500 MiB without a budget (1 GiB configured).
+    assert peak - baseline < 5 * budget
