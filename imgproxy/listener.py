@@ -234,14 +234,18 @@ class GuardedHandler(RequestHandler):
         if self._refusing:
             return  # the answer is queued; what follows is not read
         waiting = self._deadline is not None
-        if not waiting and data and self._between_requests():
-            self._await_headers()  # the first byte of the next request on a kept-alive connection
+        if not waiting and data and self._body_done():
+            # Bytes that are no request's body begin the next request (on a kept-alive
+            # connection, or pipelined behind one still being handled).
+            self._await_headers()
             waiting = True
-        parsed = self._request_count
+        parsed, body = self._request_count, self._last_payload
         super().data_received(data)
         new = self._request_count - parsed
         limit = self._listener.max_header_bytes
-        if new:
+        if new and body is not None and not body.is_eof() and isinstance(self._messages[-1][0], _ErrInfo):
+            self._body_broke(body, self._messages.pop()[0].exc)
+        elif new:
             # Headers complete (or refused by the parser): the body and the handler have their own limits.
             self._stop_waiting()
             self._last_payload = self._messages[-1][1] if self._messages else None
@@ -254,10 +258,29 @@ class GuardedHandler(RequestHandler):
             if self._header_bytes > limit and self._between_requests():
                 self._refuse(HeadersTooLarge(limit))
 
-    def _between_requests(self) -> bool:
-        """No request being received or handled: bytes arriving now begin the next one."""
+    def _body_broke(self, body, exc: Exception) -> None:
+        """A request body's framing broke (a bad chunk size, say). aiohttp would queue a 400
+        behind the request and leave the handler waiting for the rest of the body forever:
+        fail the handler's read instead, and close the connection after its answer."""
+        reason = parser_error_reason(exc)
+        self._listener.parser_error(reason, self._peer())
+        if self._request_in_progress:
+            body.set_exception(GatewayError(PARSER_ANSWERS[reason][0], PARSER_ANSWERS[reason][1], code="bad_http_request"))
+        body.feed_eof()  # also ends aiohttp's wait for an unread body after an answer
+        self._refusing = True
+        self.close()
+
+    def _peer(self) -> str | None:
+        peer = self.peername
+        return str(peer[0]) if isinstance(peer, (tuple, list)) else peer
+
+    def _body_done(self) -> bool:
         body = self._last_payload
-        return not self._request_in_progress and not self._messages and (body is None or body.is_eof())
+        return body is None or body.is_eof()
+
+    def _between_requests(self) -> bool:
+        """No request being received or handled: an answer now cannot cut into another one."""
+        return not self._request_in_progress and not self._messages and self._body_done()
 
     def _await_headers(self) -> None:
         self._header_bytes = 0
@@ -276,7 +299,7 @@ class GuardedHandler(RequestHandler):
             # Pipelined bytes behind a request still being handled: judge them once it is done.
             self._await_headers()
             return
-        self._listener.header_timeout_passed(self.peername)
+        self._listener.header_timeout_passed(self._peer())
         self._refuse(HeaderTimeout())
 
     def _refuse(self, exc: Exception) -> None:

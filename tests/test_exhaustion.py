@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.fakes import openai_validator
+from tests.fakes import FAKE_B64, openai_validator
 
 IMGPROXY = str(Path(sys.executable).parent / "imgproxy")
 CLIENT_KEY = "sk-exhaustion-client-key-0001"
@@ -214,19 +214,96 @@ async def test_the_parser_refuses_without_echoing_a_header(gateway):
             continue
     writer.close()
     assert sent < 20 and b" 431 " in answer.split(b"\r\n")[0]
+    # A chunked body whose framing breaks after the headers were accepted.
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(
+        f"POST /v1/images/generations HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n".encode()
+    )
+    await asyncio.sleep(0.3)
+    writer.write(f"zz-{secret}\r\n0\r\n\r\n".encode())
+    status, _, body = parse(await asyncio.wait_for(reader.read(), 10))
+    writer.close()
+    assert (status, body["error"]["code"]) == (400, "bad_http_request")
     # TLS on the plain port.
     status, _, _ = parse(await exchange(served.port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + secret.encode()))
     assert status == 400
 
-    for reason, count in (("invalid_header", 1), ("header_too_large", 3), ("bad_method", 1)):
+    for reason, count in (("invalid_header", 1), ("header_too_large", 3), ("bad_body", 1), ("bad_method", 1)):
         assert await served.metric("imgproxy_http_parser_errors_total", reason=reason) == count
     # The gateway still serves, and nothing of the headers reached the log.
     assert (await exchange(served.port, b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")).startswith(b"HTTP/1.1 200")
     served.proc.terminate()
     served.proc.wait(timeout=30)
     log = served.log.read_text()
-    assert "SECRET" not in log and "AAAA" not in log and log.count("not valid HTTP") == 5
+    assert "SECRET" not in log and "AAAA" not in log and log.count("not valid HTTP") == 6
     assert '"level": "error"' not in log
+
+
+class SlowUpstream:
+    """OpenAI's images endpoint taking `delay` seconds to answer gpt-image-1 with a small image."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.validator = openai_validator("CreateImageRequest")
+        self.invalid: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/images/generations", self.generations)
+        return app
+
+    async def generations(self, request: web.Request) -> web.Response:
+        self.invalid.extend(e.message for e in self.validator.iter_errors(await request.json()))
+        await asyncio.sleep(self.delay)
+        usage = {"total_tokens": 100, "input_tokens": 50, "output_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}}
+        return web.json_response({"created": 1, "data": [{"b64_json": FAKE_B64}], "usage": usage})
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One response with a Content-Length from a kept-alive connection."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    return int(head.split()[1]), await asyncio.wait_for(reader.readexactly(length), 15)
+
+
+def generation(model: str, *, split: bool = False) -> bytes | tuple[bytes, bytes]:
+    body = json.dumps({"model": model, "prompt": "a slow request", "response_format": "b64_json"}).encode()
+    head = (f"POST /v1/images/generations HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return (head, body) if split else head + body
+
+
+async def test_the_header_deadline_spares_slow_bodies_long_answers_and_idle_keepalive(gateway, aiohttp_server):
+    """The deadline is for headers only: what comes after them has other limits."""
+    upstream = SlowUpstream(delay=2.5)
+    fake = await aiohttp_server(upstream.app())
+    served = await gateway("  header_timeout: 1", upstream=str(fake.make_url("")).rstrip("/"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    # A body trickled in over 2.5 s, after complete headers.
+    head, body = generation("placeholder", split=True)
+    writer.write(head)
+    for at in range(0, len(body), len(body) // 5 + 1):
+        await asyncio.sleep(0.5)
+        writer.write(body[at : at + len(body) // 5 + 1])
+    assert (await read_response(reader))[0] == 200
+    # Idle on the kept-alive connection for longer than the deadline, then a request.
+    await asyncio.sleep(1.5)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: g\r\n\r\n")
+    assert (await read_response(reader))[0] == 200
+    # An answer that takes 2.5 s, with the start of a pipelined request sent behind it.
+    writer.write(generation("gpt-image-1"))
+    await asyncio.sleep(0.3)
+    writer.write(b"GET /heal")
+    status, answer = await read_response(reader)
+    assert status == 200 and json.loads(answer)["data"][0]["b64_json"] == FAKE_B64
+    # The pipelined request, never finished, gets its 408 once the first is answered.
+    status, answer = await read_response(reader)
+    assert (status, json.loads(answer)["error"]["code"]) == (408, "request_timeout")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert await served.metric("imgproxy_http_header_timeouts_total", listener="api") == 1
+    assert upstream.invalid == []
 
 
 class SlowLargeUpstream:
