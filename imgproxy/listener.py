@@ -94,7 +94,7 @@ class Listener:
         self._open_gauge.set_function(lambda: self.open)
         self._refused = metrics.http_connections_refused.labels(name)
         self._timed_out = metrics.http_header_timeouts.labels(name)
-        self._full = _raw_response(GatewayError(
+        self.full_answer = _raw_response(GatewayError(
             503, "The gateway has as many open connections as it accepts; retry shortly.", type="server_error",
             code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER)},
         ))
@@ -123,7 +123,7 @@ class _Refusal(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         listener = self.listener
-        transport.write(listener._full)
+        transport.write(listener.full_answer)
         if listener.refusing >= REFUSING:
             transport.close()
             return

@@ -127,7 +127,7 @@ def parse(answer: bytes) -> tuple[int, dict, dict]:
 async def test_a_flood_of_unfinished_headers_leaves_probes_answering_and_the_log_small(gateway):
     # Open files: the process gets 1,024 (a common default); 2,000 connections would exhaust
     # them, which took every port down (probes included) and wrote ~16,000 log lines a second.
-    served = await gateway("  header_timeout: 5", nofile=1024)
+    served = await gateway("  header_timeout: 8", nofile=1024)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2500:
         if hard < 2500:
