@@ -12,10 +12,9 @@ import os
 import secrets
 import sys
 
-from aiohttp import web
 
 from . import __version__
-from . import logs
+from . import listener, logs
 from .config import ConfigError
 from .gateway import Gateway
 from .runtime import Runtime

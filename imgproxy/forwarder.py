@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from . import __version__, untrusted_json
+from . import __version__, limits, untrusted_json
 from .config import ProviderConfig
 from .egress import AddressPolicy, AddressRefused, CheckingResolver, UrlRefused
 from .errors import GatewayError, upstream_error
@@ -232,6 +232,7 @@ async def _limited_chunks(resp: aiohttp.ClientResponse, limit: int, what: str = 
         size += len(chunk)
         if size > limit:
             raise upstream_error(too_large, code="upstream_bad_response")
+        limits.charge(len(chunk))  # held until the response is written: 503 past the process's budget
         yield chunk
 
 

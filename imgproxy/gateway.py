@@ -14,6 +14,7 @@ import yaml
 from .config import Config, ConfigError, StateConfig, parse_config, read_config_file, without_values
 from .forwarder import Upstream
 from .idempotency import Idempotency
+from .limits import UpstreamBuffer
 from .metrics import Metrics
 from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
@@ -35,6 +36,7 @@ class Shared:
         self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.state_config = config.state if config else StateConfig()
         self.state: State = make_state(self.state_config, self.metrics)
+        self.upstream_buffer = UpstreamBuffer(self.metrics)
         # Without a configured key, URLs are valid for this process only (said in the docs).
         self.signing_key = secrets.token_bytes(32)
 

@@ -37,6 +37,9 @@ UPSTREAM_ERROR_KINDS = {
     "rate_limit_exceeded": "rate_limited",
 }
 
+# Why the HTTP parser refused a request (imgproxy.listener.parser_error_reason).
+PARSER_ERROR_REASONS = ("header_too_large", "invalid_header", "bad_method", "bad_request_line", "bad_url", "bad_body", "malformed")
+
 UNKNOWN = "unknown"  # label value for a model or key the request never resolved to
 
 
@@ -74,6 +77,24 @@ class Metrics:
         self.state_errors = Counter(
             "imgproxy_state_errors", "Shared-state operations that failed (Redis unreachable or too slow).", ["operation"], registry=registry
         )
+        # The listeners' defences (imgproxy.listener) and the upstream byte budget (imgproxy.limits).
+        self.http_connections = Gauge("imgproxy_http_connections", "Open client connections, by listener.", ["listener"], registry=registry)
+        self.http_connections_refused = Counter(
+            "imgproxy_http_connections_refused", "Connections closed at once: the listener was at its connection cap.", ["listener"], registry=registry
+        )
+        self.http_header_timeouts = Counter(
+            "imgproxy_http_header_timeouts", "Connections closed for not sending a request's headers in time.", ["listener"], registry=registry
+        )
+        self.http_parser_errors = Counter(
+            "imgproxy_http_parser_errors", "Requests the HTTP parser refused, by reason.", ["reason"], registry=registry
+        )
+        self.upstream_buffer_bytes = Gauge(
+            "imgproxy_upstream_buffer_bytes", "Bytes of upstream answers held while being read, all requests together.", registry=registry
+        )
+        self.upstream_buffer_refusals = Counter(
+            "imgproxy_upstream_buffer_refusals", "Requests answered 503 because the upstream byte budget was full, by stage.", ["stage"],
+            registry=registry,
+        )
         self.build_info = Gauge("imgproxy_build_info", "Always 1; labels say what is running.", ["version", "python"], registry=registry)
         self.build_info.labels(__version__, platform.python_version()).set(1)
         for operation in ("put", "get", "sweep", "recreate", "evict"):
@@ -81,6 +102,10 @@ class Metrics:
                 self.store_operations.labels(operation, result)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+        for reason in PARSER_ERROR_REASONS:
+            self.http_parser_errors.labels(reason)
+        for stage in ("admission", "reading"):
+            self.upstream_buffer_refusals.labels(stage)
         self.config_loaded.set_to_current_time()
         self._children: dict = {}
 

@@ -33,6 +33,7 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
         if replay is not None:
             ctx.outcome.status = replay.status
             return replay
+        admit_upstream_answer(ctx)
         await check_request(ctx)
         response = await call_provider(ctx)
         ctx.outcome.status = response.status
@@ -73,6 +74,12 @@ async def check_request(ctx: RequestContext) -> None:
     await hooks.call("imgproxy_authorize_request", ctx=ctx)
     await hooks.call("imgproxy_check_limits", ctx=ctx)
     await hooks.call("imgproxy_check_content", ctx=ctx)
+
+
+def admit_upstream_answer(ctx: RequestContext) -> None:
+    # Shed load before any paid call (and before rate limits and budgets are charged) while
+    # the answers being read already fill the process's memory budget: 503 with Retry-After.
+    ctx.gateway.shared.upstream_buffer.admit(ctx.gateway.config.server.max_upstream_buffer_bytes)
 
 
 def requested_model(ctx: RequestContext) -> str:

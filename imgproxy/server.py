@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import GatewayError
 from .gateway import Gateway
+from .listener import OPS_MAX_CONNECTIONS, GuardedRunner, Listener
 from .stores import StoreUnavailable, UrlSigner, content_type_of
 from .logs import access_log, request_id_var
 from .messages import RequestContext
@@ -72,7 +73,11 @@ async def _lifecycle(app: web.Application):
 
 def _metrics_site(host: str, port: int):
     async def serve_metrics(app: web.Application):
-        runner = web.AppRunner(metrics_app(app[RUNTIME]), access_log=None)
+        # Its own connection cap and count: probes must answer while the API port is flooded.
+        runtime = app[RUNTIME]
+        server = runtime.gateway.config.server
+        guard = Listener("ops", OPS_MAX_CONNECTIONS, server, runtime.shared.metrics)
+        runner = GuardedRunner(metrics_app(runtime), guard, access_log=None, keepalive_timeout=server.keepalive_timeout)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         yield

@@ -1,0 +1,83 @@
+"""A process-wide budget of bytes held for upstream answers read whole (hosting, format
+conversion, token usage), so that many large answers at once meet a 503, not a growing heap.
+
+A request is admitted only while less than three quarters of the budget is held; the bytes
+it then reads are charged to its lease as they arrive (the forwarder's size-limited reader does
+it), and the lease is released when the request's task ends, that is once its response has been
+written. Streamed pass-through answers are relayed, not held, and are not charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+from .errors import GatewayError
+
+# Seconds a client is asked to wait: answers being held are usually written within that.
+RETRY_AFTER = 5
+
+# The current request's lease: the forwarder's readers charge it without being handed it.
+_lease: contextvars.ContextVar["Lease | None"] = contextvars.ContextVar("imgproxy_upstream_lease", default=None)
+
+
+def overloaded() -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway is holding as many upstream answers as its memory budget allows; retry shortly.",
+        type="server_error",
+        code="server_overloaded",
+        headers={"Retry-After": str(RETRY_AFTER)},
+    )
+
+
+class UpstreamBuffer:
+    """Bytes held, all requests together. Lives as long as the process (in `Shared`); each
+    request brings the capacity of the config it is served by."""
+
+    def __init__(self, metrics) -> None:
+        self.held = 0
+        self._refused = {stage: metrics.upstream_buffer_refusals.labels(stage) for stage in ("admission", "reading")}
+        metrics.upstream_buffer_bytes.set_function(lambda: self.held)
+
+    def admit(self, capacity: int) -> None:
+        """Let the current request read upstream answers, or refuse it with 503 when three
+        quarters of the budget are held: the last quarter is kept for the answers already being
+        read, so that a paid answer is rarely lost mid-read. Must run in the request's own task:
+        its end releases what it held."""
+        if self.held >= capacity - capacity // 4:
+            self._refused["admission"].inc()
+            raise overloaded()
+        lease = Lease(self, capacity)
+        _lease.set(lease)
+        asyncio.current_task().add_done_callback(lease.release)
+
+
+class Lease:
+    __slots__ = ("buffer", "capacity", "held")
+
+    def __init__(self, buffer: UpstreamBuffer, capacity: int) -> None:
+        self.buffer, self.capacity, self.held = buffer, capacity, 0
+
+    def charge(self, size: int) -> None:
+        buffer = self.buffer
+        buffer.held += size
+        self.held += size
+        if buffer.held > self.capacity:
+            buffer._refused["reading"].inc()
+            # The answer read so far is dropped with the error: give its room back now, or the
+            # other answers being read would fail too before this request's task has ended.
+            self.release()
+            raise overloaded()
+
+    def release(self, _task=None) -> None:
+        self.buffer.held -= self.held
+        self.held = 0
+
+
+def charge(size: int) -> None:
+    """Count `size` more bytes held for the current request's upstream answer; 503 once the
+    process holds more than its budget. Outside an admitted request, nothing is counted."""
+    lease = _lease.get()
+    if lease is not None:
+        lease.charge(size)
