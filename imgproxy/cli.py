@@ -11,13 +11,12 @@ import os
 import secrets
 import sys
 
-from aiohttp import web
-
 from . import __version__
 from . import logs
 from .config import ConfigError
 from .gateway import Gateway
 from .runtime import Runtime
+from . import serving, workers
 from .server import create_app
 
 
@@ -31,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=os.environ.get("IMGPROXY_HOST"), help="listen address (IMGPROXY_HOST; default from the config, else 127.0.0.1)")
     serve.add_argument("--port", type=int, default=_env_int("IMGPROXY_PORT"), help="listen port (IMGPROXY_PORT; default from the config, else 8080)")
     serve.add_argument("--log-level", default=os.environ.get("IMGPROXY_LOG_LEVEL"), choices=["debug", "info", "warning", "error"], help="IMGPROXY_LOG_LEVEL; default from the config, else info")
+    serve.add_argument(
+        "--workers", default=os.environ.get("IMGPROXY_WORKERS", "1"),
+        help="server processes on the one port, each with its own event loop (IMGPROXY_WORKERS; a number or `auto` for one per CPU; default 1)",
+    )
+    serve.add_argument(workers.WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)  # set by the supervisor for its workers
 
     check = commands.add_parser("check-config", help="validate a config file and print its model table")
     check.add_argument("file")
@@ -69,6 +73,11 @@ def _env_int(name: str) -> int | None:
 
 def serve_command(args) -> int:
     logs.setup(args.log_level or "info", "json")
+    try:
+        count = workers.worker_count(args.workers)
+    except ValueError:
+        print(f"imgproxy: --workers takes a number of at least 1 or `auto`, not {args.workers!r}", file=sys.stderr)
+        return 2
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -77,6 +86,14 @@ def serve_command(args) -> int:
         print(f"imgproxy: invalid config: {exc}", file=sys.stderr)
         return 2
     config = gateway.config
+    if count > 1:
+        problem = workers.refusal(config, args.config)
+        if problem:
+            print(f"imgproxy: {problem}", file=sys.stderr)
+            return 2
+        loop.close()
+        logs.setup(args.log_level or config.logging.level, config.logging.format)
+        return workers.Supervisor(count, _worker_args(args)).run()
     logs.setup(args.log_level or config.logging.level, config.logging.format)
     server = config.server
     host = args.host or server.host
@@ -87,15 +104,30 @@ def serve_command(args) -> int:
     # the objects of 64 requests in flight set it off every ~12 requests for nothing to find
     # (~30 us per request). 10,000 is passed only when thousands of requests are in flight.
     gc.set_threshold(10_000, 10, 10)
-    logging.getLogger("imgproxy").info(
-        "imgproxy %s serving %d models on http://%s:%s", __version__, len(config.models), host, port
-    )
-    # The drain timeout bounds how long in-flight requests may finish after SIGTERM.
-    web.run_app(
-        create_app(runtime), host=host, port=port, shutdown_timeout=server.drain_timeout, backlog=server.backlog,
-        print=None, access_log=None, loop=loop,
-    )
+    app = create_app(runtime, reuse_port=args.reuse_port)
+
+    def announce(bound_host: str, bound_port: int) -> None:
+        logging.getLogger("imgproxy").info(
+            "imgproxy %s serving %d models on http://%s:%s", __version__, len(config.models), bound_host, bound_port
+        )
+
+    try:
+        loop.run_until_complete(serving.serve(app, runtime, host, port, backlog=server.backlog, reuse_port=args.reuse_port, ready=announce))
+    except serving.PortInUse as exc:
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        loop.close()
     return 0
+
+
+def _worker_args(args) -> list[str]:
+    """The serve options a worker needs: the supervisor's, resolved once."""
+    out = ["--config", args.config]
+    for flag, value in (("--host", args.host), ("--port", args.port), ("--log-level", args.log_level)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
 
 
 def check_config_command(path: str) -> int:

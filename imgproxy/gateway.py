@@ -14,7 +14,7 @@ import yaml
 from .config import Config, parse_config, read_config_file
 from .forwarder import Upstream
 from .imagestore import FilesystemImageStore, UrlSigner
-from .metrics import Metrics
+from .metrics import MULTIPROCESS, Metrics
 from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
 from .routing import RoutingTable
@@ -27,7 +27,8 @@ class Shared:
     def __init__(self) -> None:
         self.metrics = Metrics()
         self.in_flight = 0
-        self.metrics.in_flight.set_function(lambda: self.in_flight)
+        if not MULTIPROCESS:  # read at scrape time; a worker publishes it instead (Runtime)
+            self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.state: State = MemoryState()
         # Without a configured key, URLs are valid for this process only (said in the docs).
         self.signing_key = secrets.token_bytes(32)

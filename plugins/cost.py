@@ -206,7 +206,9 @@ class CostPlugin:
         cost = 0.0
         if scratch is not None:
             cost = scratch.get("actual")
-            if cost is None:
+            if outcome.cut:
+                cost = scratch["reserved"]  # the provider may have generated it all: it bills the call
+            elif cost is None:
                 cost = self.cost(ctx, outcome.images, outcome.usage, ctx.request.quality, ctx.request.size)
             # Settle the reservation to the real cost on every period at once (no limit applies).
             settle = cost - scratch["reserved"]
@@ -238,6 +240,8 @@ class CostPlugin:
             "error": outcome.error_code,
             "user": ctx.user_hash,
         }
+        if outcome.cut:
+            record["cut"] = True
         self.usage_log.write(json.dumps(record) + "\n")
         self.usage_log.flush()
 
