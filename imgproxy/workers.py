@@ -9,6 +9,8 @@ worker shows the whole group.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -25,10 +27,11 @@ log = logging.getLogger("imgproxy.workers")
 
 WORKER_FLAG = "--reuse-port"
 POLL = 0.1
-# A worker that dies this soon after starting is failing to start (a port in use, a config
-# that cannot serve), not crashing: restarting it would only loop.
-STARTUP_GRACE = 3.0
+# The status `imgproxy serve` exits with when it cannot start (a config it cannot serve, a
+# port in use): restarting such a worker would only loop.
+CANNOT_START = 2
 RESTART_BACKOFF = (0.5, 1, 2, 4, 8)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def worker_count(value: str) -> int:
@@ -43,10 +46,11 @@ def worker_count(value: str) -> int:
 class Supervisor:
     def __init__(self, count: int, worker_args: list[str]) -> None:
         self.count = count
-        self.command = [sys.executable, "-m", "imgproxy.cli", "serve", WORKER_FLAG, *worker_args]
+        # -P: the installed package, never a source tree in the working directory.
+        self.command = [sys.executable, "-P", "-m", "imgproxy.cli", "serve", WORKER_FLAG, *worker_args]
         self.metrics_dir = tempfile.mkdtemp(prefix="imgproxy-metrics-")
         self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
-        self.workers: dict[int, tuple[subprocess.Popen, float]] = {}  # slot -> (process, started)
+        self.workers: dict[int, subprocess.Popen] = {}  # by slot
         self.stopping = False
         self.restarts = 0
 
@@ -56,20 +60,20 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._forward)
         for slot in range(self.count):
             self._start(slot)
-        log.info("supervising %d workers (pids %s)", self.count, ", ".join(str(p.pid) for p, _ in self.workers.values()))
+        log.info("supervising %d workers (pids %s)", self.count, ", ".join(str(p.pid) for p in self.workers.values()))
         code = 0
         while self.workers:
             time.sleep(POLL)
-            for slot, (proc, started) in list(self.workers.items()):
+            for slot, proc in list(self.workers.items()):
                 if proc.poll() is None:
                     continue
                 del self.workers[slot]
                 multiprocess.mark_process_dead(proc.pid, self.metrics_dir)
                 if self.stopping:
                     continue
-                if time.monotonic() - started < STARTUP_GRACE:
-                    log.error("worker %d exited with status %s while starting; stopping the others", proc.pid, proc.returncode)
-                    code = proc.returncode or 1
+                if proc.returncode == CANNOT_START:
+                    log.error("worker %d could not start; stopping the others", proc.pid)
+                    code = CANNOT_START
                     self._stop()
                     continue
                 delay = RESTART_BACKOFF[min(self.restarts, len(RESTART_BACKOFF) - 1)]
@@ -81,16 +85,23 @@ class Supervisor:
         return code
 
     def _start(self, slot: int) -> None:
-        self.workers[slot] = (subprocess.Popen(self.command, env=self.env), time.monotonic())
+        self.workers[slot] = subprocess.Popen(self.command, env=self.env, preexec_fn=_stop_with_parent)
 
     def _stop(self, signum=signal.SIGTERM, frame=None) -> None:
         self.stopping = True
         self._forward(signal.SIGTERM)
 
     def _forward(self, signum, frame=None) -> None:
-        for proc, _ in self.workers.values():
+        for proc in self.workers.values():
             if proc.poll() is None:
                 proc.send_signal(signum)
+
+
+def _stop_with_parent() -> None:
+    """In a new worker: a SIGTERM (so a drain) if the supervisor dies, even by SIGKILL, so no
+    orphan keeps the port."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def refusal(config, path: str) -> str | None:
