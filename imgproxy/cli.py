@@ -14,7 +14,7 @@ import sys
 
 
 from . import __version__
-from . import listener, logs
+from . import listener, logs, serving, workers
 from .config import ConfigError
 from .gateway import Gateway
 from .runtime import Runtime
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=os.environ.get("IMGPROXY_HOST"), help="listen address (IMGPROXY_HOST; default from the config, else 127.0.0.1)")
     serve.add_argument("--port", type=int, default=_env_int("IMGPROXY_PORT"), help="listen port (IMGPROXY_PORT; default from the config, else 8080)")
     serve.add_argument("--log-level", default=os.environ.get("IMGPROXY_LOG_LEVEL"), choices=["debug", "info", "warning", "error"], help="IMGPROXY_LOG_LEVEL; default from the config, else info")
+    serve.add_argument(
+        "--workers", default=os.environ.get("IMGPROXY_WORKERS", "1"),
+        help="server processes on the one port, each with its own event loop (IMGPROXY_WORKERS; a number or `auto` for one per CPU; default 1)",
+    )
+    serve.add_argument(workers.WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)  # set by the supervisor for its workers
 
     check = commands.add_parser(
         "check-config", help="validate a config file and print its model table",
@@ -90,6 +95,11 @@ def _env_int(name: str) -> int | None:
 
 def serve_command(args) -> int:
     logs.setup(args.log_level or "info", "json")
+    try:
+        count = workers.worker_count(args.workers)
+    except ValueError:
+        print(f"imgproxy: --workers takes a number of at least 1 or `auto`, not {args.workers!r}", file=sys.stderr)
+        return 2
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -99,6 +109,13 @@ def serve_command(args) -> int:
         return 2
     config = gateway.config
     logs.setup(args.log_level or config.logging.level, config.logging.format)
+    if count > 1:
+        loop.close()
+        problem = workers.refusal(config, args.config)
+        if problem:
+            print(f"imgproxy: {problem}", file=sys.stderr)
+            return 2
+        return workers.Supervisor(count, _worker_args(args)).run()
     warn_about_start_up(gateway)
     server = config.server
     host = args.host or server.host
@@ -109,22 +126,26 @@ def serve_command(args) -> int:
     # the objects of 64 requests in flight set it off every ~12 requests for nothing to find
     # (~30 us per request). 10,000 is passed only when thousands of requests are in flight.
     gc.set_threshold(10_000, 10, 10)
-    # The drain timeout bounds how long in-flight requests may finish after SIGTERM.
+    # The listener caps connections and header time (docs/security-limits.md); serve drains
+    # within server.drain_timeout on SIGTERM (docs/operations.md).
+    app = create_app(runtime, reuse_port=args.reuse_port)
+    runner = listener.api_runner(app, server, gateway.shared.metrics, shutdown_timeout=serving.CANCEL_GRACE)
     try:
-        web.run_app(
-            create_app(runtime), host=host, port=port, shutdown_timeout=server.drain_timeout, backlog=server.backlog,
-            print=announce_serving(len(config.models), host, port), access_log=None, loop=loop,
+        loop.run_until_complete(
+            serving.serve(runner, runtime, host, port, backlog=server.backlog, reuse_port=args.reuse_port, ready=announce_serving(len(config.models)))
         )
     except OSError as exc:
         return listen_failed(exc, host, port)
+    finally:
+        serving.close_loop(loop)
     return 0
 
 
-def announce_serving(models: int, host: str, port: int):
-    """The line that says the gateway serves, for run_app's `print`: called only once the
-    listening socket is bound, so a port in use never gets a success line first."""
+def announce_serving(models: int):
+    """The line that says the gateway serves: called only once the listening socket is
+    bound, so a port in use never gets a success line first."""
 
-    def announce(_aiohttp_banner: str) -> None:
+    def announce(host: str, port: int) -> None:
         logging.getLogger("imgproxy").info("imgproxy %s serving %d models on http://%s:%s", __version__, models, host, port)
 
     return announce
@@ -167,6 +188,15 @@ def warn_about_start_up(gateway: Gateway) -> None:
             "images.signing_key is not set (IMGPROXY_SIGNING_KEY in the shipped proxy.yaml): image URLs are signed "
             "with a random key of this process, so they break on restart and on other replicas"
         )
+
+
+def _worker_args(args) -> list[str]:
+    """The serve options a worker needs: the supervisor's, resolved once."""
+    out = ["--config", args.config]
+    for flag, value in (("--host", args.host), ("--port", args.port), ("--log-level", args.log_level)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
 
 
 def check_config_command(path: str) -> int:

@@ -123,6 +123,7 @@ class StateConfig:
     timeout: float = 0.5
     recovery_interval: float = 10.0
     recovery_margin: float = 60.0
+    per_process: bool = False  # memory backend under several workers: limits per worker, on purpose
 
 
 @dataclass(frozen=True)

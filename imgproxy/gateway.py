@@ -15,7 +15,7 @@ from .config import Config, ConfigError, StateConfig, parse_config, read_config_
 from .forwarder import Upstream
 from .idempotency import Idempotency
 from .limits import UpstreamBuffer
-from .metrics import Metrics
+from .metrics import MULTIPROCESS, Metrics
 from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
 from .routing import RoutingTable
@@ -33,7 +33,8 @@ class Shared:
     def __init__(self, config: Config | None = None) -> None:
         self.metrics = Metrics()
         self.in_flight = 0
-        self.metrics.in_flight.set_function(lambda: self.in_flight)
+        if not MULTIPROCESS:  # read at scrape time; a worker publishes it instead (Runtime)
+            self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.state_config = config.state if config else StateConfig()
         self.state: State = make_state(self.state_config, self.metrics)
         self.upstream_buffer = UpstreamBuffer(self.metrics)

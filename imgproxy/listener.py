@@ -387,36 +387,10 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None
     loop.default_exception_handler(context)
 
 
-def run(app: web.Application, *, host: str, port: int, server: ServerConfig, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
-    """Serve `app` until SIGINT or SIGTERM, then let requests in flight finish within the drain
-    timeout: what `web.run_app` does, with the API port guarded."""
+def api_runner(app: web.Application, server: ServerConfig, metrics: Metrics, *, shutdown_timeout: float) -> "GuardedRunner":
+    """The runner of the API port: its connections guarded by a listener with the configured cap."""
     listener = Listener("api", fit_connections(server.max_connections), server, metrics)
-    loop.set_exception_handler(_quiet_accept_errors)
-    runner = GuardedRunner(
-        app, listener, handle_signals=True, shutdown_timeout=server.drain_timeout, keepalive_timeout=server.keepalive_timeout, access_log=None
+    asyncio.get_event_loop().set_exception_handler(_quiet_accept_errors)
+    return GuardedRunner(
+        app, listener, handle_signals=False, shutdown_timeout=shutdown_timeout, keepalive_timeout=server.keepalive_timeout, access_log=None
     )
-
-    async def serve() -> None:
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port, backlog=server.backlog).start()
-            await asyncio.Event().wait()  # until a signal raises GracefulExit
-        finally:
-            await runner.cleanup()
-
-    main = loop.create_task(serve())
-    try:
-        loop.run_until_complete(main)
-    except (web.GracefulExit, KeyboardInterrupt):
-        pass
-    finally:
-        if not main.done():
-            main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(main)
-        rest = asyncio.all_tasks(loop)
-        for task in rest:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()

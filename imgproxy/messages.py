@@ -135,6 +135,8 @@ class Outcome:
     upstream_error_kind: str | None = None
     # Whether a request went to the provider at all (not, for example, without a provider key).
     upstream_called: bool = False
+    # Cut short after the provider was called (a shutdown's drain timeout): billed at the worst case.
+    cut: bool = False
 
 
 @dataclass

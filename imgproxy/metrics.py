@@ -4,9 +4,10 @@ or a model name a client made up."""
 
 from __future__ import annotations
 
+import os
 import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from . import __version__
 
@@ -42,6 +43,19 @@ PARSER_ERROR_REASONS = ("header_too_large", "invalid_header", "bad_method", "bad
 
 UNKNOWN = "unknown"  # label value for a model or key the request never resolved to
 
+# Set for the workers of `imgproxy serve --workers N`: every process writes its samples to
+# files there, and a scrape of any one of them reads them all (prometheus-client's
+# multiprocess mode; gauges say how they combine: livesum, max).
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text a scrape gets: this process's registry, or the whole process group's."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -65,14 +79,20 @@ class Metrics:
         self.upstream_errors = Counter(
             "imgproxy_upstream_errors", "Failed provider calls, by kind.", ["provider", "kind"], registry=registry
         )
-        self.in_flight = Gauge("imgproxy_in_flight_requests", "Generation requests being served.", registry=registry)
+        self.in_flight = Gauge(
+            "imgproxy_in_flight_requests", "Generation requests being served.", registry=registry, multiprocess_mode="livesum"
+        )
         self.sent_bytes = Counter("imgproxy_response_bytes", "Response body bytes sent for generation requests.", ["model"], registry=registry)
         self.store_operations = Counter(
             "imgproxy_image_store_operations", "Image store operations, by result.", ["operation", "result"], registry=registry
         )
         self.config_reloads = Counter("imgproxy_config_reloads", "Config reload attempts, by result.", ["result"], registry=registry)
         self.config_loaded = Gauge(
-            "imgproxy_config_last_reload_success_timestamp_seconds", "When the running config was loaded.", registry=registry
+            "imgproxy_config_last_reload_success_timestamp_seconds", "When the running config was loaded.", registry=registry,
+            multiprocess_mode="max",
+        )
+        self.build_info = Gauge(
+            "imgproxy_build_info", "Always 1; labels say what is running.", ["version", "python"], registry=registry, multiprocess_mode="max"
         )
         self.state_errors = Counter(
             "imgproxy_state_errors", "Shared-state operations that failed (Redis unreachable or too slow).", ["operation"], registry=registry
@@ -95,7 +115,6 @@ class Metrics:
             "imgproxy_upstream_buffer_refusals", "Requests answered 503 because the upstream byte budget was full, by stage.", ["stage"],
             registry=registry,
         )
-        self.build_info = Gauge("imgproxy_build_info", "Always 1; labels say what is running.", ["version", "python"], registry=registry)
         self.build_info.labels(__version__, platform.python_version()).set(1)
         for operation in ("put", "get", "sweep", "recreate", "evict"):
             for result in ("ok", "error"):

@@ -43,7 +43,10 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
         response = error.to_response()
         raise
     except asyncio.CancelledError:
+        # Cancelled (the drain timeout of a shutdown ran out): if the provider was already
+        # called, it bills the request whether or not an answer arrives.
         ctx.outcome.status, ctx.outcome.error_code = 499, "client_closed_request"
+        ctx.outcome.cut = ctx.outcome.upstream_called
         raise
     except Exception:
         ctx.outcome.status, ctx.outcome.error_code = 500, "internal_error"

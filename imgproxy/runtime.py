@@ -18,8 +18,11 @@ from pathlib import Path
 
 from .config import ConfigError
 from .gateway import Gateway
+from .metrics import MULTIPROCESS
 
 log = logging.getLogger("imgproxy.config")
+
+PUBLISH_INTERVAL = 1.0  # seconds between a worker's in-flight gauge updates
 
 
 class Runtime:
@@ -35,6 +38,7 @@ class Runtime:
         self.shutting_down = False
         self._digest = self._file_digest()
         self._watcher: asyncio.Task | None = None
+        self._publisher: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
 
@@ -54,17 +58,26 @@ class Runtime:
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
             if self.reload_interval > 0:
                 self._watcher = asyncio.create_task(self._watch())
+        if MULTIPROCESS:
+            self._publisher = asyncio.create_task(self._publish_in_flight())
 
     async def close(self) -> None:
         self.shutting_down = True
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._publisher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for task in list(self._retiring):
             await task
         await self.gateway.close()
         await self.shared.state.close()
+
+    async def _publish_in_flight(self) -> None:
+        # Other workers' scrapes read this process's gauge from its file, not from a callback.
+        while True:
+            self.shared.metrics.in_flight.set(self.shared.in_flight)
+            await asyncio.sleep(PUBLISH_INTERVAL)
 
     async def _watch(self) -> None:
         # Kubernetes updates a mounted ConfigMap by swapping a symlink: compare content, not mtimes.

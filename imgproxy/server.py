@@ -10,7 +10,7 @@ import re
 import time
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .errors import GatewayError
 from .gateway import Gateway
@@ -18,6 +18,7 @@ from .listener import OPS_MAX_CONNECTIONS, GuardedRunner, Listener
 from .stores import StoreUnavailable, UrlSigner, content_type_of
 from .logs import access_log, request_id_var
 from .messages import RequestContext
+from .metrics import exposition
 from .pipeline import generate_images
 from .runtime import Runtime
 
@@ -35,7 +36,8 @@ QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
 MAX_BODY_CEILING = 1024**3
 
 
-def create_app(served: Gateway | Runtime) -> web.Application:
+def create_app(served: Gateway | Runtime, *, reuse_port: bool = False) -> web.Application:
+    """`reuse_port`: the workers of `serve --workers N` share the operations port too."""
     runtime = served if isinstance(served, Runtime) else Runtime(served)
     # Bodies are limited per config in read_json_body; this is only aiohttp's outer bound.
     app = web.Application(middlewares=[serve_request], client_max_size=MAX_BODY_CEILING)
@@ -49,7 +51,7 @@ def create_app(served: Gateway | Runtime) -> web.Application:
     if metrics.port is None:
         app.router.add_get("/metrics", get_metrics)
     else:
-        app.cleanup_ctx.append(_metrics_site(metrics.host, metrics.port))
+        app.cleanup_ctx.append(_metrics_site(metrics.host, metrics.port, reuse_port))
     return app
 
 
@@ -71,7 +73,7 @@ async def _lifecycle(app: web.Application):
     await runtime.close()
 
 
-def _metrics_site(host: str, port: int):
+def _metrics_site(host: str, port: int, reuse_port: bool):
     async def serve_metrics(app: web.Application):
         # Its own connection cap and count: probes must answer while the API port is flooded.
         runtime = app[RUNTIME]
@@ -79,7 +81,7 @@ def _metrics_site(host: str, port: int):
         guard = Listener("ops", OPS_MAX_CONNECTIONS, server, runtime.shared.metrics)
         runner = GuardedRunner(metrics_app(runtime), guard, access_log=None, keepalive_timeout=server.keepalive_timeout)
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
         yield
         await runner.cleanup()
 
@@ -236,5 +238,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[RUNTIME].shared.metrics.registry)
+    body = exposition(request.app[RUNTIME].shared.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

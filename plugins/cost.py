@@ -228,7 +228,9 @@ class CostPlugin:
         cost = 0.0
         if scratch is not None:
             cost = scratch.get("actual")
-            if cost is None:
+            if outcome.cut:
+                cost = scratch["reserved"]  # the provider may have generated it all: it bills the call
+            elif cost is None:
                 cost = self.cost(ctx, outcome.images, outcome.usage, ctx.request.quality, ctx.request.size)
         outcome.cost_usd = cost
         record = self.usage_record(ctx, outcome, cost) if ctx.request is not None else None
@@ -263,6 +265,7 @@ class CostPlugin:
             "status": outcome.status,
             "error": outcome.error_code,
             "user": ctx.user_hash,
+            **({"cut": True} if outcome.cut else {}),
         }
 
     def pending_record(self, ctx, worst: float) -> dict:

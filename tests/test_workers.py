@@ -1,0 +1,121 @@
+"""`imgproxy serve --workers N`: N processes on one port, a crashed worker replaced, signals
+passed to every worker, and one scrape showing the whole group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.processes import IMGPROXY, REPO, clean_env, free_port, http, metric, wait_for_port
+
+KEY = "sk-workers-test-key-000"
+
+
+def config_text(port: int, ops: int, tmp_path: Path, state: str = "{backend: memory, per_process: true}", signing: str = "workers-signing-key", models: str = "") -> str:
+    return f"""
+server: {{host: 127.0.0.1, port: {port}, drain_timeout: 2, reload_interval: 0}}
+metrics: {{host: 127.0.0.1, port: {ops}}}
+auth: {{api_keys: {KEY}}}
+state: {state}
+providers:
+  placeholder: {{type: placeholder}}
+models:
+  placeholder: {{provider: placeholder}}
+{models}
+images: {{directory: {tmp_path / "images"}, signing_key: "{signing}"}}
+"""
+
+
+def workers_of(pid: int) -> set[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(child) for child in children}
+
+
+def generate(port: int, model: str = "placeholder") -> int:
+    for _ in range(20):  # a connection refused while a worker is being replaced is retried
+        try:
+            return http("POST", f"http://127.0.0.1:{port}/v1/images/generations", {"model": model, "prompt": "w", "size": "64x64"}, KEY)[0]
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("the gateway stayed unreachable")
+
+
+@pytest.fixture
+def group(tmp_path):
+    port, ops = free_port(), free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(config_text(port, ops, tmp_path))
+    proc = subprocess.Popen([IMGPROXY, "serve", "--config", str(config), "--workers", "2"], cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, proc)
+        wait_for_port(ops, proc)
+        deadline = time.monotonic() + 20
+        while len(workers_of(proc.pid)) < 2:
+            assert time.monotonic() < deadline, "two workers did not start"
+            time.sleep(0.1)
+        yield proc, port, ops, config
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.communicate(timeout=20)
+
+
+def test_workers_share_the_port_and_one_scrape_counts_them_all(group):
+    proc, port, ops, config = group
+    assert [generate(port) for _ in range(30)] == [200] * 30
+    # Each request came on a new connection, spread over both workers by the kernel; the
+    # scrape is answered by one of them and still counts every request of the group.
+    scrape = http("GET", f"http://127.0.0.1:{ops}/metrics")[1]["raw"]
+    assert metric(scrape, "imgproxy_requests_total") == 30
+    assert metric(scrape, "imgproxy_in_flight_requests") == 0
+
+
+def test_a_killed_worker_is_replaced_and_signals_reach_every_worker(group, tmp_path):
+    proc, port, ops, config = group
+    first = workers_of(proc.pid)
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        current = workers_of(proc.pid)
+        if len(current) == 2 and victim not in current:
+            break
+        assert time.monotonic() < deadline, f"the killed worker was not replaced: {current}"
+        time.sleep(0.1)
+    assert generate(port) == 200
+
+    # SIGHUP to the supervisor reloads every worker: a new model is served whichever worker answers.
+    config.write_text(config_text(port, ops, tmp_path, models="  placeholder-2: {provider: placeholder, upstream_model: placeholder, catalog: placeholder}"))
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while True:
+        statuses = [generate(port, "placeholder-2") for _ in range(20)]
+        if statuses == [200] * 20:
+            break
+        assert time.monotonic() < deadline, statuses
+        time.sleep(0.2)
+
+    workers = workers_of(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    for worker in workers:
+        assert not Path(f"/proc/{worker}").exists() or "zombie" in Path(f"/proc/{worker}/status").read_text()
+
+
+@pytest.mark.parametrize(
+    "state, signing, refusal",
+    [
+        ("{backend: memory}", "k" * 32, "state.per_process: true"),
+        ("{backend: memory, per_process: true}", "${IMGPROXY_SIGNING_KEY:-}", "$IMGPROXY_SIGNING_KEY"),
+    ],
+)
+def test_workers_refuse_configs_that_break_across_processes(tmp_path, state, signing, refusal):
+    config = tmp_path / "proxy.yaml"
+    config.write_text(config_text(free_port(), free_port(), tmp_path, state=state, signing=signing))
+    result = subprocess.run([IMGPROXY, "serve", "--config", str(config), "--workers", "2"], env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and refusal in result.stderr, result.stderr
