@@ -100,24 +100,84 @@ def test_monitoring_objects_have_their_required_fields(rendered):
         raise AssertionError("the monitor selects nothing")
 
 
+# What the gateway overlay's Secrets give its pods (values only for loading the config here).
+GATEWAY_ENV = {"IMGPROXY_REDIS_URL": "redis://imgproxy-redis:6379/0", "IMGPROXY_S3_BUCKET": "images", "IMGPROXY_SIGNING_KEY": "k" * 32}
+
+
 async def test_workload_agrees_with_its_config(rendered):
-    _, docs = rendered
+    overlay, docs = rendered
     pod, container = imgproxy_container(docs)
     (configmap,) = by_kind(docs, "ConfigMap")
-    gateway = await Gateway.load(text=configmap["data"]["proxy.yaml"], env={})
+    gateway = await Gateway.load(text=configmap["data"]["proxy.yaml"], env=GATEWAY_ENV if overlay == "gateway" else {})
     config = gateway.config
+    env_names = {e["name"] for e in container["env"]}
+    for variable in ("IMGPROXY_REDIS_URL", "IMGPROXY_S3_BUCKET", "IMGPROXY_SIGNING_KEY") if overlay == "gateway" else ():
+        assert variable in env_names, variable
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["metrics"] == config.metrics.port
     for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         check = container[probe]["httpGet"]
         assert check["path"] == path and check["port"] in ("metrics", config.metrics.port)
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pre_stop + config.server.drain_timeout < pod["terminationGracePeriodSeconds"]
+    # imgproxy exits within drain_timeout + 1 s of SIGTERM; the rest is margin.
+    assert pre_stop + config.server.drain_timeout + 1 < pod["terminationGracePeriodSeconds"]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert "subPath" not in mounts["config"]  # ConfigMap updates arrive only without subPath
     assert container["args"] == ["--config", mounts["config"]["mountPath"] + "/proxy.yaml"]
-    assert mounts["images"]["mountPath"] == config.images.directory
+    if overlay == "gateway":
+        # Replicas share state and images through Redis and S3, not a ReadWriteMany volume.
+        assert config.sections["state"]["backend"] == "redis" and config.sections["images"]["store"] == "s3"
+        assert "images" not in mounts and not by_kind(docs, "PersistentVolumeClaim")
+    else:
+        assert mounts["images"]["mountPath"] == config.images.directory
     assert config.server.reload_interval > 0
+    # No name hash on the ConfigMap: an edit reaches running pods as a hot reload, not a rollout.
+    (config_volume,) = [v for v in pod["volumes"] if v["name"] == "config"]
+    assert config_volume["configMap"]["name"] == configmap["metadata"]["name"] == "imgproxy-config"
+
+
+def test_gateway_ingress_and_network_policy():
+    docs = render("gateway")
+    (ingress,) = by_kind(docs, "Ingress")
+    (service,) = by_kind(docs, "Service")
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    _, container = imgproxy_container(docs)
+    assert "cert-manager.io/cluster-issuer" in ingress["metadata"]["annotations"]
+    (tls,) = ingress["spec"]["tls"]
+    hosts = {rule["host"] for rule in ingress["spec"]["rules"]}
+    assert set(tls["hosts"]) == hosts and tls["secretName"]
+    backends = [path["backend"]["service"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    service_ports = {p["name"] for p in service["spec"]["ports"]}
+    assert all(b["name"] == service["metadata"]["name"] and b["port"]["name"] in service_ports for b in backends)
+    # The ingress controller's namespace may reach the API port the container listens on.
+    api_port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    admitted = [
+        rule for rule in policy["spec"]["ingress"]
+        if any(peer.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name") == "ingress-nginx" for peer in rule["from"])
+    ]
+    assert admitted and all(any(p["port"] == api_port for p in rule["ports"]) for rule in admitted)
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+    assert {443, 6379} <= egress_ports  # providers and S3; Redis
+
+
+def test_redis_component_renders_and_validates(tmp_path):
+    import kubernetes_validate
+
+    overlay = tmp_path / "try-it"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        f"resources: [{os.path.relpath(DEPLOY / 'kubernetes' / 'overlays' / 'gateway', overlay)}]\n"
+        f"components: [{os.path.relpath(DEPLOY / 'kubernetes' / 'components' / 'redis', overlay)}]\n"
+    )
+    result = subprocess.run([tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "imgproxy-redis"]
+    (redis_service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "imgproxy-redis"]
+    assert f"//{redis_service['metadata']['name']}:{redis_service['spec']['ports'][0]['port']}/" in secret["stringData"]["url"]
+    for doc in docs:
+        if doc["kind"] not in MONITORING_KINDS:
+            kubernetes_validate.validate(doc, "1.37.0", strict=True)
 
 
 def test_restricted_pod_security(rendered):
