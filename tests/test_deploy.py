@@ -130,6 +130,10 @@ async def test_workload_agrees_with_its_config(rendered):
         assert "images" not in mounts and not by_kind(docs, "PersistentVolumeClaim")
     else:
         assert mounts["images"]["mountPath"] == config.images.directory
+        # The store evicts before the kubelet would evict the pod for a full emptyDir.
+        (images,) = [v for v in pod["volumes"] if v["name"] == "images"]
+        limit = images["emptyDir"]["sizeLimit"]
+        assert limit.endswith("Gi") and 0 < config.images.max_bytes < int(limit[:-2]) * 1024**3
     assert config.server.reload_interval > 0
     # No name hash on the ConfigMap: an edit reaches running pods as a hot reload, not a rollout.
     (config_volume,) = [v for v in pod["volumes"] if v["name"] == "config"]
