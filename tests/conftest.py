@@ -19,6 +19,7 @@ from imgproxy.logs import JsonFormatter, access_log
 from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
 from tests.fakes import FakeOpenAI, FakeStability, FakeUpstream, openai_validator
+from tests.s3server import s3_env, s3_server  # noqa: F401 (fixtures)
 
 CLIENT_KEY = "sk-client-test-key-0001"
 # A secret given to config tests through the environment (too short for a client key on purpose).

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,52 @@ def test_workers_refuse_configs_that_break_across_processes(tmp_path, state, sig
     config.write_text(config_text(free_port(), free_port(), tmp_path, state=state, signing=signing))
     result = subprocess.run([IMGPROXY, "serve", "--config", str(config), "--workers", "2"], env=clean_env(), capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and refusal in result.stderr, result.stderr
+
+
+def test_two_workers_on_one_redis_and_one_bucket(redis_server, s3_env, tmp_path):
+    """Limits admitted exactly across the workers, and every image URL served by whichever
+    worker a new connection reaches."""
+    from tests.s3server import BUCKET
+
+    endpoint, _ = s3_env
+    port, ops = free_port(), free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(f"""
+server: {{host: 127.0.0.1, port: {port}, drain_timeout: 2, reload_interval: 0}}
+metrics: {{host: 127.0.0.1, port: {ops}}}
+auth:
+  keys:
+    - {{name: limited, key: {KEY}, rate_limit: {{requests_per_minute: 10}}}}
+state: {{backend: redis, url: "{redis_server.url}", key_prefix: "workers-{os.getpid()}:"}}
+providers:
+  placeholder: {{type: placeholder}}
+models:
+  placeholder: {{provider: placeholder}}
+images:
+  signing_key: workers-share-this-signing-key
+  store: s3
+  s3: {{bucket: {BUCKET}, prefix: workers/, endpoint_url: "{endpoint}", region: us-east-1, urls: gateway}}
+""")
+    proc = subprocess.Popen([IMGPROXY, "serve", "--config", str(config), "--workers", "2"], cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, proc)
+        deadline = time.monotonic() + 20
+        while len(workers_of(proc.pid)) < 2:
+            assert time.monotonic() < deadline, "two workers did not start"
+            time.sleep(0.1)
+        answers = [
+            http("POST", f"http://127.0.0.1:{port}/v1/images/generations", {"model": "placeholder", "prompt": f"w{i}", "size": "64x64", "response_format": "url"}, KEY)
+            for i in range(20)
+        ]
+        assert sorted(status for status, _, _ in answers) == [200] * 10 + [429] * 10
+        urls = [body["data"][0]["url"] for status, body, _ in answers if status == 200]
+        for url in urls:
+            images = set()
+            for _ in range(3):  # each on a new connection: the kernel picks the worker
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    assert resp.status == 200 and resp.headers["Content-Type"] == "image/png"
+                    images.add(resp.read())
+            assert len(images) == 1 and next(iter(images)).startswith(b"\x89PNG")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
