@@ -1,7 +1,7 @@
 """Images as objects in an S3-compatible bucket (AWS, MinIO, SeaweedFS, R2, GCS interop).
 
 Credentials come only from the standard AWS chain (environment, shared files, web identity):
-the config has no place for them. Expiry is the bucket's lifecycle rule (docs/operations-stores.md),
+the config has no place for them. Expiry is the bucket's lifecycle rule (docs/operations.md),
 not a listing by every replica; gateway URLs past their expiry are refused by the gateway anyway.
 """
 
