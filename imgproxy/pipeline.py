@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .errors import GatewayError
 from .forwarder import StreamTap, forward_stream
+from .inline_images import AnswerCheck
 from .messages import Identity, ImagesResult, RequestContext
 from .metrics import UPSTREAM_ERROR_KINDS
 from .validation import check_capabilities, check_schema, read_json_body
@@ -76,7 +77,10 @@ async def call_provider(ctx: RequestContext) -> web.StreamResponse:
             outcome.filtered = reply.filtered
             await ctx.gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
             return images_response(ctx, reply)
-        tap = StreamTap(sse=reply.content_type == "text/event-stream")
+        if reply.content_type == "text/event-stream":
+            tap = StreamTap(sse=True)
+        else:  # relayed only as far as it is a valid answer to this request
+            tap = AnswerCheck(ctx.request.n, ctx.request.response_format)
         try:
             response = await forward_stream(ctx, reply, tap)
         finally:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import binascii
+
 from ..errors import GatewayError, upstream_error
+from ..inline_images import RESPONSE_ENUMS, valid_usage
 from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply
 from .base import Provider, log
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 POLICY_CODES = {"content_policy_violation", "moderation_blocked"}
-RESPONSE_EXTRAS = ("background", "output_format", "size", "quality")
 
 
 class OpenAIProvider(Provider):
@@ -48,7 +50,7 @@ class OpenAIProvider(Provider):
             return StreamedReply(resp, "application/json", first)
         if request.response_format == "url" and upstream_format == "b64_json":
             # The images will be hosted: decode them as they arrive rather than hold the answer.
-            body, decoded = await self.upstream.read_inline_images(resp, self.config)
+            body, decoded = await self.upstream.read_inline_images(resp, self.config, keep=request.n)
             resp.release()
             return self.parse(body, request, decoded)
         body = await self.upstream.read_json(resp, self.config)
@@ -81,21 +83,28 @@ class OpenAIProvider(Provider):
         body.update(request.options)
         return body
 
-    def parse(self, body: dict, request: ImageRequest, decoded: list[bytearray] | None = None) -> ImagesResult:
+    def parse(self, body: dict, request: ImageRequest, decoded: list[bytearray | None] | None = None) -> ImagesResult:
         """`decoded`: the images of a body read by read_inline_images, whose b64_json values
-        are empty in `body`."""
+        are empty in `body`. Images beyond the `n` asked for are dropped: never delivered, never
+        paid for. Fields outside the ImagesResponse shape are left out."""
         data = body.get("data")
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
             raise upstream_error(f"The provider '{self.config.name}' returned no image list.", code="upstream_bad_response")
         if decoded is not None and len(decoded) != sum(isinstance(item.get("b64_json"), str) for item in data):
             raise upstream_error(f"The provider '{self.config.name}' returned images outside its image list.", code="upstream_bad_response")
+        if len(data) > request.n:
+            log.warning("provider %s returned %d images where %d were asked for: the rest dropped", self.config.name, len(data), request.n)
+            data = data[: request.n]
         inline = iter(decoded or ())
-        content_type = CONTENT_TYPES.get(body.get("output_format") or request.options.get("output_format") or "png")
+        extra = {key: body[key] for key, allowed in RESPONSE_ENUMS.items() if body.get(key) in allowed}
+        content_type = CONTENT_TYPES.get(extra.get("output_format") or request.options.get("output_format"), "image/png")
         images = []
         for item in data:
             b64, url, revised = item.get("b64_json"), item.get("url"), item.get("revised_prompt")
             if not (isinstance(b64, str) or isinstance(url, str)):
                 raise upstream_error(f"The provider '{self.config.name}' returned an image without data.", code="upstream_bad_response")
+            if isinstance(b64, str) and decoded is None and not _valid_base64(b64):
+                raise upstream_error(f"The provider '{self.config.name}' returned an image that is not valid base64.", code="upstream_bad_response")
             image = GeneratedImage(b64_json=b64, url=url, revised_prompt=revised if isinstance(revised, str) else None, content_type=content_type)
             if decoded is not None and isinstance(b64, str):
                 image.data, image.b64_json = next(inline), None
@@ -104,8 +113,8 @@ class OpenAIProvider(Provider):
         return ImagesResult(
             created=created if isinstance(created, int) else 0,
             images=images,
-            usage=body.get("usage") if isinstance(body.get("usage"), dict) else None,
-            extra={k: body[k] for k in RESPONSE_EXTRAS if isinstance(body.get(k), str)},
+            usage=body["usage"] if valid_usage(body.get("usage")) else None,
+            extra=extra,
         )
 
     def map_error(self, status: int, body: dict, resp) -> GatewayError:
@@ -129,6 +138,13 @@ class OpenAIProvider(Provider):
             param = error.get("param") if isinstance(error.get("param"), str) else None
             return GatewayError(400, message, type=error.get("type") or "invalid_request_error", code=code, param=param)
         return self.upstream_error_for_status(status)
+
+
+def _valid_base64(text: str) -> bool:
+    try:
+        return bool(binascii.a2b_base64(text, strict_mode=True))  # decoded only to be checked
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _is_json(resp) -> bool:
