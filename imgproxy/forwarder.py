@@ -241,9 +241,16 @@ async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamT
         if reply.first_chunk:
             await _relay(ctx, out, tap, reply.first_chunk)
         async for chunk in upstream.content.iter_any():
-            await _relay(ctx, out, tap, chunk)
-            if tap.images >= ctx.request.n:
-                break  # the last image asked for has come: anything after it is not delivered
+            before = tap.images
+            tap.feed(chunk)
+            if tap.images > ctx.request.n:
+                # More images than asked for: relay the events before the first extra one and
+                # end the stream there (they are neither delivered nor paid for).
+                log.warning("upstream streamed more than %d images (request %s): the rest dropped", ctx.request.n, ctx.request_id)
+                tap.images = ctx.request.n
+                await _send(ctx, out, _events_before(chunk, tap.marker, ctx.request.n - before))
+                break
+            await _send(ctx, out, chunk)
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError):
         log.warning("upstream broke off a streamed answer (request %s)", ctx.request_id)
         ctx.outcome.error_code = "upstream_bad_response"
@@ -321,6 +328,17 @@ def _bad_answer(ctx: RequestContext, exc: Exception) -> GatewayError:
         f"The provider '{ctx.route.provider.name}' returned an answer that is not a valid images response.",
         code="upstream_bad_response",
     )
+
+
+def _events_before(chunk: bytes, marker: bytes, allowed: int) -> bytes:
+    """The events of `chunk` before the one that carries its (allowed + 1)-th marker."""
+    at = -1
+    for _ in range(allowed + 1):
+        at = chunk.find(marker, at + 1)
+        if at < 0:  # the marker straddled two reads: nothing of this one is sent
+            return b""
+    end = chunk.rfind(b"\n\n", 0, at)
+    return chunk[: end + 2] if end >= 0 else b""
 
 
 async def _send(ctx: RequestContext, out: web.StreamResponse, chunk: bytes) -> None:

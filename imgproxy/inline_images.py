@@ -17,6 +17,7 @@ KEY = b'"b64_json"'
 _WHITESPACE = b" \t\r\n"
 # Everything but the images: created, usage, revised prompts (at most 4,000 characters each).
 MAX_SKELETON = 1024 * 1024
+_BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _FRAMING = re.compile(rb'["\\{}\[\]]')  # the bytes that open or close strings, objects and arrays
 
 
@@ -39,6 +40,7 @@ class InlineImageReader:
         self._in_value = False
         self._size = 0  # decoded bytes of the current image
         self._padded = False  # the current image's base64 has ended with "=": nothing may follow
+        self._chars = self._padding = 0  # base64 characters and "=" of an image only checked
         # Where the skeleton stands in the JSON text: nesting depth, inside a string, a byte
         # escaped at the start of the next piece, and whether the top-level object has ended.
         self._depth = 0
@@ -62,6 +64,8 @@ class InlineImageReader:
         found = data.find(KEY, at)
         if found < 0:
             keep = min(len(data) - at, len(KEY) - 1)  # a key may straddle two chunks
+            while keep and not KEY.startswith(data[len(data) - keep :]):
+                keep -= 1  # only what could begin one: the rest (an object's end) is seen now
             self._add_skeleton(data[at : len(data) - keep])
             self._pending = data[len(data) - keep :]
             return -1 if keep else len(data)
@@ -81,6 +85,7 @@ class InlineImageReader:
         self._add_skeleton(data[at : end + 1] + b'"')  # the value becomes ""
         self.images.append(bytearray() if self.keep is None or len(self.images) < self.keep else None)
         self._in_value, self._size, self._padded = True, 0, False
+        self._chars = self._padding = 0  # base64 characters and "=" of an image only checked
         return end + 1
 
     def _add_skeleton(self, text: bytes) -> None:
@@ -93,7 +98,7 @@ class InlineImageReader:
     def _value(self, data: bytes, at: int) -> int:
         close = data.find(b'"', at)
         stop = len(data) if close < 0 else close
-        text = data[at:stop]
+        text = data if at == 0 and stop == len(data) else data[at:stop]
         if b"\\" in text:
             text = text.replace(b"\\/", b"/")  # the one escape base64 can need
             if b"\\" in text:
@@ -101,18 +106,41 @@ class InlineImageReader:
                     self._pending = data[at:stop]
                     return -1
                 raise InlineImageError("an image's base64 holds an escape sequence")
-        if close < 0:
+        if self.images[-1] is None:
+            self._check(text)  # checked in any pieces: nothing waits for a group of four
+            if close < 0:
+                return -1
+            if self._chars % 4:
+                raise InlineImageError("an image's base64 is cut short")
+            self._size = self._chars // 4 * 3 - self._padding
+        elif close < 0:
             whole = len(text) - len(text) % 4
             self._decode(text[:whole])
             self._pending = text[whole:]
             return -1
-        if len(text) % 4:
+        elif len(text) % 4:
             raise InlineImageError("an image's base64 is cut short")
-        self._decode(text)
+        else:
+            self._decode(text)
         if not self._size:
             raise InlineImageError("an image is empty")
         self._in_value = False
         return close + 1
+
+    def _check(self, text: bytes) -> None:
+        """Base64 that is checked, not kept: deleting the alphabet is ~6x faster than
+        decoding, and needs no copy of a read that lies inside the value."""
+        if self._padding and text.strip(b"="):
+            raise InlineImageError("an image's base64 goes on after its padding")
+        rest = text.translate(None, _BASE64)
+        if rest:
+            padding = len(text) - len(text.rstrip(b"="))
+            if rest.strip(b"=") or len(rest) != padding:
+                raise InlineImageError("an image is not valid base64")
+            self._padding += padding
+            if self._padding > 2:
+                raise InlineImageError("an image is not valid base64")
+        self._chars += len(text)
 
     def _frame(self, text: bytes) -> None:
         """Follow the skeleton's nesting, so that bytes that cannot begin a JSON object, or any
@@ -161,8 +189,7 @@ class InlineImageReader:
             raise InlineImageError("an image is not valid base64") from None
         self._size += len(decoded)
         self._padded = text.endswith(b"=")
-        if self.images[-1] is not None:
-            self.images[-1] += decoded
+        self.images[-1] += decoded
 
     def finish(self) -> tuple[dict, list[bytearray]]:
         if self._in_value:

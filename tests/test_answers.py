@@ -284,3 +284,19 @@ async def test_streamed_answers_carry_no_cost_header(gateway, fake_openai, usage
     assert "x-imgproxy-cost-usd" not in resp.headers
     rec = await record(usage_log, "large")
     assert (rec["images"], rec["cost_usd"]) == (1, 0.016)
+
+
+async def test_a_stream_with_more_images_than_n_ends_after_the_nth(gateway, fake_openai, usage_log):
+    usage = {"total_tokens": 100, "input_tokens": 50, "output_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}}
+    common = {"created_at": 1, "size": "1024x1024", "quality": "high", "background": "opaque", "output_format": "png", "usage": usage}
+    events = b"".join(
+        f"event: image_generation.completed\ndata: {json.dumps({'type': 'image_generation.completed', 'b64_json': 'aGk=', **common})}\n\n".encode()
+        for _ in range(3)
+    )
+    fake_openai.cue(body=events, content_type="text/event-stream")
+    resp = await post(gateway, {"model": "gpt-image-1", "prompt": "x", "stream": True}, "sse-extra")
+    text = (await resp.read()).decode()
+    assert resp.status == 200
+    assert text.count("event: image_generation.completed") == 1 and text.endswith("\n\n")
+    rec = await record(usage_log, "sse-extra")
+    assert (rec["images"], rec["cost_usd"]) == (1, 0.00245)

@@ -64,3 +64,64 @@ def test_a_b64_json_key_without_a_string_value_is_ordinary_json():
     body, images = read(raw, [13, 14, 15, 16, 40])
     assert body == {"data": [{"b64_json": None, "url": "https://x/1.png"}, {"b64_json": ""}], "b64_json": 3}
     assert images == [b"hi"]
+
+
+# AnswerCheck: an answer relayed as it arrives, checked without holding its images.
+from imgproxy.inline_images import AnswerCheck  # noqa: E402
+
+USAGE = {"total_tokens": 100, "input_tokens": 50, "output_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}}
+TRICKY = {  # braces, brackets, quotes and escapes inside strings must not end the object early
+    "created": 1713833628,
+    "data": [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": 'a "}]} \\ \\"{ b64_json"'} for image in IMAGES],
+    "usage": USAGE,
+    "quality": "high",
+}
+
+
+def check_in_pieces(raw: bytes, splits: list[int], n: int = 3, want: str = "b64_json") -> AnswerCheck:
+    check = AnswerCheck(n, want)
+    last = 0
+    for cut in [*splits, len(raw)]:
+        check.feed(raw[last:cut])
+        assert not check.ended or not raw[cut:].strip(), "ended before the object did"
+        last = cut
+    check.finish()
+    return check
+
+
+def test_a_valid_answer_passes_in_any_pieces():
+    raw = json.dumps(TRICKY).encode() + b"\n"
+    end = raw.rindex(b"}")
+    rng = random.Random(3)
+    for splits in [*(sorted(rng.sample(range(1, len(raw)), rng.randint(1, 40))) for _ in range(200)), list(range(1, len(raw)))]:
+        check = check_in_pieces(raw, splits)
+        assert (check.images, check.usage, check.complete, check.ended) == (3, USAGE, 3, True)
+    # The end is seen with the byte that closes the object, not before.
+    check = AnswerCheck(3, "b64_json")
+    check.feed(raw[:end])
+    assert not check.ended
+    check.feed(raw[end:])
+    assert check.ended
+
+
+@pytest.mark.parametrize(
+    "raw, n",
+    [
+        (json.dumps(TRICKY).encode(), 2),  # more images than asked for
+        (json.dumps(TRICKY).encode() + b"x", 3),  # something after the object
+        (b" [" + json.dumps(TRICKY).encode() + b"]", 3),  # not an object
+        (json.dumps({**TRICKY, "usage": {"total_tokens": 1}}).encode(), 3),
+        (json.dumps({**TRICKY, "data": [{"url": "https://x/1.png"}]}).encode(), 3),
+    ],
+)
+def test_a_bad_answer_fails_in_any_pieces(raw, n):
+    rng = random.Random(5)
+    for splits in [sorted(rng.sample(range(1, len(raw)), 10)) for _ in range(50)]:
+        with pytest.raises(InlineImageError):
+            check_in_pieces(raw, splits, n=n)
+
+
+def test_a_url_answer_holds_no_base64():
+    check_in_pieces(json.dumps({"created": 1, "data": [{"url": "https://x/1.png"}]}).encode(), [5], n=1, want="url")
+    with pytest.raises(InlineImageError):
+        check_in_pieces(json.dumps({"created": 1, "data": [{"url": "https://x/1.png", "b64_json": "aGk="}]}).encode(), [5], n=1, want="url")
