@@ -1,6 +1,7 @@
 """The reader that decodes base64 images as an answer arrives (for hosting them as URLs)."""
 
 import base64
+import binascii
 import json
 import os
 import random
@@ -125,3 +126,27 @@ def test_a_url_answer_holds_no_base64():
     check_in_pieces(json.dumps({"created": 1, "data": [{"url": "https://x/1.png"}]}).encode(), [5], n=1, want="url")
     with pytest.raises(InlineImageError):
         check_in_pieces(json.dumps({"created": 1, "data": [{"url": "https://x/1.png", "b64_json": "aGk="}]}).encode(), [5], n=1, want="url")
+
+
+def test_base64_that_is_only_checked_is_judged_as_strictly_as_decoded_base64():
+    # Pass-through checks base64 without decoding it; it must refuse exactly what decoding does.
+    rng = random.Random(11)
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=$ "
+    for _ in range(20000):
+        value = bytes(rng.choice(alphabet) for _ in range(rng.choice([1, 3, 4, 5, 8, 12])))
+        try:
+            expected = len(value) % 4 == 0 and bool(binascii.a2b_base64(value, strict_mode=True))
+        except binascii.Error:
+            expected = False
+        raw = b'{"created": 1, "data": [{"b64_json": "' + value + b'"}]}'
+        for keep in (0, None):
+            reader = InlineImageReader(keep=keep)
+            splits = sorted(rng.sample(range(1, len(raw)), 3))
+            try:
+                for start, end in zip([0, *splits], [*splits, len(raw)]):
+                    reader.feed(raw[start:end])
+                reader.finish()
+                accepted = True
+            except InlineImageError:
+                accepted = False
+            assert accepted == expected, (value, keep)
