@@ -163,7 +163,8 @@ def failure(exc: BaseException, provider: ProviderConfig, timeout: float | None)
     if isinstance(exc, aiohttp.ClientConnectorError):
         log.warning("cannot connect to provider %s: %s", provider.name, exc.os_error)
         return upstream_error(f"Could not connect to the provider '{provider.name}'.", code="upstream_unavailable")
-    log.warning("provider %s broke off its answer: %r", provider.name, exc)
+    # Not %r: a ClientResponseError's repr holds the request's headers, the provider key among them.
+    log.warning("provider %s broke off its answer: %s: %s", provider.name, type(exc).__name__, exc)
     return upstream_error(f"The provider '{provider.name}' closed the connection before a complete answer.", code="upstream_bad_response")
 
 

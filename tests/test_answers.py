@@ -300,3 +300,9 @@ async def test_a_stream_with_more_images_than_n_ends_after_the_nth(gateway, fake
     assert text.count("event: image_generation.completed") == 1 and text.endswith("\n\n")
     rec = await record(usage_log, "sse-extra")
     assert (rec["images"], rec["cost_usd"]) == (1, 0.00245)
+
+
+async def test_an_encoding_the_gateway_cannot_decode_is_a_502(gateway, fake_openai):
+    fake_openai.cue(body=b"(\xb5/\xfd not really zstd", headers={"Content-Encoding": "zstd"})
+    resp = await post(gateway, {**DALLE2, "response_format": "b64_json"}, "zstd")
+    await assert_error(resp, 502, "upstream_bad_response")
