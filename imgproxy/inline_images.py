@@ -225,6 +225,19 @@ def valid_usage(usage) -> bool:
     return all(type(count) is int and count >= 0 for count in counts)
 
 
+def valid_base64(text: str | bytes) -> bool:
+    """Whether `text` is whole, non-empty, strictly padded base64 (checked, not decoded)."""
+    if isinstance(text, str):
+        if not text.isascii():
+            return False
+        text = text.encode("ascii")
+    if not text or len(text) % 4:
+        return False
+    rest = text.translate(None, _BASE64)
+    padding = len(text) - len(text.rstrip(b"="))
+    return not rest.strip(b"=") and len(rest) == padding <= 2
+
+
 def check_answer(body: dict, want: str, n: int) -> list:
     """The image list of an answer that may reach the client as it is: an ImagesResponse with
     at most `n` images, each in the format `want` and in no other. InlineImageError if not."""

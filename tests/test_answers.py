@@ -306,3 +306,22 @@ async def test_an_encoding_the_gateway_cannot_decode_is_a_502(gateway, fake_open
     fake_openai.cue(body=b"(\xb5/\xfd not really zstd", headers={"Content-Encoding": "zstd"})
     resp = await post(gateway, {**DALLE2, "response_format": "b64_json"}, "zstd")
     await assert_error(resp, 502, "upstream_bad_response")
+
+
+async def test_an_encoded_answer_corrupt_midway_is_broken_off(gateway, fake_openai, usage_log):
+    packed = bytearray(gzip.compress(answer({"b64_json": IMAGE_B64})))
+    packed[len(packed) // 2 : len(packed) // 2 + 64] = os.urandom(64)
+    fake_openai.cue(body=bytes(packed), headers={"Content-Encoding": "gzip"})
+    resp = await post(gateway, {**DALLE2, "response_format": "b64_json"}, "gzip-corrupt")
+    await broken_off(resp)
+    rec = await record(usage_log, "gzip-corrupt")
+    assert (rec["status"], rec["error"], rec["images"], rec["cost_usd"]) == (200, "upstream_bad_response", 0, 0.0)
+
+
+@pytest.mark.parametrize("value", ["aGVs$bG8=", "aGk=aGk=", "", "aGVsbG8"])
+async def test_a_parsed_answer_with_broken_base64_is_a_502_whichever_provider(gateway, fake_openai, fake_stability, value):
+    # gpt-image-1 is read whole (token priced); Stability is always parsed.
+    fake_openai.cue(body=answer({"b64_json": value}))
+    await assert_error(await post(gateway, {"model": "gpt-image-1", "prompt": "x"}, "b64-gpt"), 502, "upstream_bad_response")
+    fake_stability.cue(body={"artifacts": [{"base64": value, "finishReason": "SUCCESS", "seed": 1}]})
+    await assert_error(await post(gateway, {"model": "sdxl", "prompt": "x", "response_format": "b64_json"}, "b64-sdxl"), 502, "upstream_bad_response")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import binascii
-
 from ..errors import GatewayError, upstream_error
 from ..inline_images import RESPONSE_ENUMS, valid_usage
 from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply
@@ -103,8 +101,6 @@ class OpenAIProvider(Provider):
             b64, url, revised = item.get("b64_json"), item.get("url"), item.get("revised_prompt")
             if not (isinstance(b64, str) or isinstance(url, str)):
                 raise upstream_error(f"The provider '{self.config.name}' returned an image without data.", code="upstream_bad_response")
-            if isinstance(b64, str) and decoded is None and not _valid_base64(b64):
-                raise upstream_error(f"The provider '{self.config.name}' returned an image that is not valid base64.", code="upstream_bad_response")
             image = GeneratedImage(b64_json=b64, url=url, revised_prompt=revised if isinstance(revised, str) else None, content_type=content_type)
             if decoded is not None and isinstance(b64, str):
                 image.data, image.b64_json = next(inline), None
@@ -138,13 +134,6 @@ class OpenAIProvider(Provider):
             param = error.get("param") if isinstance(error.get("param"), str) else None
             return GatewayError(400, message, type=error.get("type") or "invalid_request_error", code=code, param=param)
         return self.upstream_error_for_status(status)
-
-
-def _valid_base64(text: str) -> bool:
-    try:
-        return bool(binascii.a2b_base64(text, strict_mode=True))  # decoded only to be checked
-    except (binascii.Error, ValueError):
-        return False
 
 
 def _is_json(resp) -> bool:
