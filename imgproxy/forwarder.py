@@ -312,7 +312,7 @@ async def forward_answer(ctx: RequestContext, reply: StreamedReply, check: Answe
         check.images = delivered
         return out
     except (InlineImageError, GatewayError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError) as exc:
-        _bad_answer(ctx, exc)
+        log.warning("upstream sent a bad or broken answer after the status (request %s): %s", ctx.request_id, exc)
         ctx.outcome.error_code = "upstream_bad_response"
         check.images, check.usage = delivered, None
         if ctx.http.transport is not None:
