@@ -16,7 +16,7 @@ from . import __version__, limits, untrusted_json
 from .config import ProviderConfig
 from .egress import AddressPolicy, AddressRefused, CheckingResolver, UrlRefused
 from .errors import GatewayError, upstream_error
-from .inline_images import InlineImageError, InlineImageReader
+from .inline_images import AnswerCheck, InlineImageError, InlineImageReader
 from .messages import RequestContext, StreamedReply, token_usage
 from .redaction import redact
 
@@ -120,10 +120,13 @@ class Upstream:
             )
         return body
 
-    async def read_inline_images(self, resp: aiohttp.ClientResponse, provider: ProviderConfig) -> tuple[dict, list[bytearray]]:
+    async def read_inline_images(
+        self, resp: aiohttp.ClientResponse, provider: ProviderConfig, keep: int | None = None
+    ) -> tuple[dict, list[bytearray | None]]:
         """An images answer read as it arrives, its base64 images decoded on the way (see
-        inline_images): the skeleton of the JSON object and the images, or 502."""
-        reader = InlineImageReader()
+        inline_images): the skeleton of the JSON object and the images (the first `keep`;
+        None for the rest), or 502."""
+        reader = InlineImageReader(keep)
         try:
             async for chunk in _limited_chunks(resp, MAX_JSON_BYTES):
                 reader.feed(chunk)
@@ -286,40 +289,36 @@ class StreamTap:
         self.usage = token_usage(usage)
 
 
-async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamTap) -> web.StreamResponse:
+async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamTap | AnswerCheck) -> web.StreamResponse:
     """Copy an upstream answer to the client chunk by chunk. Status and headers are fixed
     before the first byte; a break upstream after that ends the client's response early
     (an `error` event first, for server-sent events)."""
+    if not tap.sse:
+        return await forward_answer(ctx, reply, tap)
     upstream = reply.response
-    if not tap.sse and upstream.content_length == len(reply.first_chunk):
-        # The whole answer came with the first read (small answers do): send it in one piece.
-        tap.feed(reply.first_chunk)
-        tap.finish()
-        ctx.outcome.bytes_sent = len(reply.first_chunk)
-        return web.Response(body=reply.first_chunk, headers={"Content-Type": reply.content_type})
-    out = web.StreamResponse(status=200, headers={"Content-Type": reply.content_type})
-    if not tap.sse and upstream.content_length is not None:
-        out.content_length = upstream.content_length
-    if tap.sse:
-        out.headers["Cache-Control"] = "no-cache"
+    out = web.StreamResponse(status=200, headers={"Content-Type": reply.content_type, "Cache-Control": "no-cache"})
     ctx.stamp(out)
     await out.prepare(ctx.http)
     try:
         if reply.first_chunk:
             await _relay(ctx, out, tap, reply.first_chunk)
         async for chunk in upstream.content.iter_any():
-            await _relay(ctx, out, tap, chunk)
+            before = tap.images
+            tap.feed(chunk)
+            if tap.images > ctx.request.n:
+                # More images than asked for: relay the events before the first extra one and
+                # end the stream there (they are neither delivered nor paid for).
+                log.warning("upstream streamed more than %d images (request %s): the rest dropped", ctx.request.n, ctx.request_id)
+                tap.images = ctx.request.n
+                await _send(ctx, out, _events_before(chunk, tap.marker, ctx.request.n - before))
+                break
+            await _send(ctx, out, chunk)
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError):
         log.warning("upstream broke off a streamed answer (request %s)", ctx.request_id)
         ctx.outcome.error_code = "upstream_bad_response"
-        if tap.sse:
-            error = GatewayError(502, "The provider broke off the stream.", type="server_error", code="upstream_bad_response")
-            event = {"type": "error", **error.envelope()}
-            await out.write(f"event: error\ndata: {json.dumps(event)}\n\n".encode())
-        elif ctx.http.transport is not None:
-            # The length promised cannot be met: drop the connection so the client sees truncation.
-            ctx.http.transport.close()
-            return out
+        error = GatewayError(502, "The provider broke off the stream.", type="server_error", code="upstream_bad_response")
+        event = {"type": "error", **error.envelope()}
+        await out.write(f"event: error\ndata: {json.dumps(event)}\n\n".encode())
     except ConnectionResetError:
         # The client went away mid-answer; what was generated is still accounted for.
         log.info("client closed the connection during a streamed answer (request %s)", ctx.request_id)
@@ -329,6 +328,84 @@ async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamT
     tap.finish()
     await out.write_eof()
     return out
+
+
+async def forward_answer(ctx: RequestContext, reply: StreamedReply, check: AnswerCheck) -> web.StreamResponse:
+    """Relay a JSON images answer as it arrives, checked on the way (inline_images.AnswerCheck).
+
+    The status line goes out only after the first read passed the check, and the read that
+    holds the end of the answer only after the whole answer did: on a fault, the connection
+    is dropped with the body incomplete, so the client never holds a whole body that is not
+    a valid answer. Decoded content encodings are relayed without the upstream's length."""
+    upstream = reply.response
+    try:
+        check.feed(reply.first_chunk)
+        if upstream.content.at_eof():
+            # The whole answer came with the first read (small answers do): send it in one piece.
+            check.finish()
+            ctx.outcome.bytes_sent = len(reply.first_chunk)
+            return web.Response(body=reply.first_chunk, headers={"Content-Type": reply.content_type})
+    except InlineImageError as exc:
+        raise _bad_answer(ctx, exc) from None
+    out = web.StreamResponse(status=200, headers={"Content-Type": reply.content_type})
+    if upstream.content_length is not None and upstream.headers.get("Content-Encoding", "identity") == "identity":
+        out.content_length = upstream.content_length
+    ctx.stamp(out)
+    await out.prepare(ctx.http)
+    held, held_images, delivered = [reply.first_chunk], check.complete, 0
+    try:
+        async for chunk in _limited_chunks(upstream, MAX_JSON_BYTES):
+            check.feed(chunk)
+            if not check.ended:  # held reads cannot hold the answer's end: send them
+                for piece in held:
+                    await _send(ctx, out, piece)
+                held, delivered = [], held_images
+            held.append(chunk)
+            held_images = check.complete
+        check.finish()
+        for piece in held:
+            await _send(ctx, out, piece)
+        delivered = held_images
+    except ConnectionResetError:
+        # The client went away mid-answer; what it was sent whole is still accounted for.
+        log.info("client closed the connection during a streamed answer (request %s)", ctx.request_id)
+        ctx.outcome.error_code = "client_closed_request"
+        check.images = delivered
+        return out
+    except (InlineImageError, GatewayError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError) as exc:
+        log.warning("upstream sent a bad or broken answer after the status (request %s): %s", ctx.request_id, exc)
+        ctx.outcome.error_code = "upstream_bad_response"
+        check.images, check.usage = delivered, None
+        if ctx.http.transport is not None:
+            # The status is out: dropping the connection is the only way left to say "failed".
+            ctx.http.transport.close()
+        return out
+    await out.write_eof()
+    return out
+
+
+def _bad_answer(ctx: RequestContext, exc: Exception) -> GatewayError:
+    log.warning("upstream sent a bad or broken answer (request %s): %s", ctx.request_id, exc)
+    return upstream_error(
+        f"The provider '{ctx.route.provider.name}' returned an answer that is not a valid images response.",
+        code="upstream_bad_response",
+    )
+
+
+def _events_before(chunk: bytes, marker: bytes, allowed: int) -> bytes:
+    """The events of `chunk` before the one that carries its (allowed + 1)-th marker."""
+    at = -1
+    for _ in range(allowed + 1):
+        at = chunk.find(marker, at + 1)
+        if at < 0:  # the marker straddled two reads: nothing of this one is sent
+            return b""
+    end = chunk.rfind(b"\n\n", 0, at)
+    return chunk[: end + 2] if end >= 0 else b""
+
+
+async def _send(ctx: RequestContext, out: web.StreamResponse, chunk: bytes) -> None:
+    await out.write(chunk)
+    ctx.outcome.bytes_sent += len(chunk)
 
 
 async def _relay(ctx: RequestContext, out: web.StreamResponse, tap: StreamTap, chunk: bytes) -> None:

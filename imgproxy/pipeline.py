@@ -9,8 +9,9 @@ import time
 
 from aiohttp import web
 
-from .errors import GatewayError
+from .errors import GatewayError, upstream_error
 from .forwarder import StreamTap, forward_stream
+from .inline_images import AnswerCheck, valid_base64
 from .messages import Identity, ImagesResult, RequestContext
 from .metrics import UPSTREAM_ERROR_KINDS
 from .validation import check_capabilities, check_schema, read_json_body
@@ -103,7 +104,10 @@ async def call_provider(ctx: RequestContext) -> web.StreamResponse:
             outcome.filtered = reply.filtered
             await ctx.gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
             return images_response(ctx, reply)
-        tap = StreamTap(sse=reply.content_type == "text/event-stream")
+        if reply.content_type == "text/event-stream":
+            tap = StreamTap(sse=True)
+        else:  # relayed only as far as it is a valid answer to this request
+            tap = AnswerCheck(ctx.request.n, ctx.request.response_format)
         try:
             response = await forward_stream(ctx, reply, tap)
         finally:
@@ -122,12 +126,15 @@ async def call_provider(ctx: RequestContext) -> web.StreamResponse:
 
 def images_response(ctx: RequestContext, result: ImagesResult) -> web.Response:
     want = ctx.request.response_format
+    del result.images[ctx.request.n :]  # never more than asked for, whichever provider sent them
     for image in result.images:
         if (image.url if want == "url" and not image.inline_reason else image.b64_json) is None:
             raise GatewayError(
                 500, f"No plugin turned the provider's answer into response_format '{want}' (is the rewrite plugin disabled?).",
                 type="server_error", code="internal_error",
             )
+        if want == "b64_json" and not valid_base64(image.b64_json):
+            raise upstream_error(f"The provider '{ctx.route.provider.name}' returned an image that is not valid base64.", code="upstream_bad_response")
     ctx.outcome.images, ctx.outcome.usage = len(result.images), result.usage
     body = json.dumps(result.to_json()).encode()
     ctx.outcome.bytes_sent = len(body)

@@ -2,9 +2,10 @@
 
 Before the upstream call, the worst case a request can cost is reserved against the key's
 daily, monthly and per-minute spend (refused with 429 `insufficient_quota` if a budget would
-be crossed); afterwards the reservation is settled to what was really generated: images
-returned times their price, or the upstream's token `usage`. Every finished request is
-written as a usage record (JSON lines) for billing export.
+be crossed); afterwards the reservation is settled to what was really delivered: images delivered (at
+most n) times their price, or the upstream's token `usage`, bounded by the worst case. Every
+finished request is written as a usage record (JSON lines) for billing export, and the
+`x-imgproxy-cost-usd` header of a response that is not streamed carries the same cost.
 
 The reservation is durable: a pending record (request id, key, model, worst case, time) is
 stored with it in the state and dropped when it is settled. A replica that dies mid-call
@@ -31,6 +32,7 @@ from functools import lru_cache
 
 from imgproxy.errors import GatewayError
 from imgproxy.hookspecs import hookimpl
+from imgproxy.inline_images import valid_usage
 from imgproxy.state import Pending, Reservation, StateUnavailable
 
 log = logging.getLogger("imgproxy.cost")
@@ -187,12 +189,9 @@ class CostPlugin:
     @hookimpl
     async def imgproxy_check_limits(self, ctx):
         request, price = ctx.request, self.prices[ctx.route.model.name]
-        images_cost = request.n * price.image(request.quality, request.size)
-        worst = images_cost
-        if price.per_token:
-            worst += len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
-            if not request.stream:
-                ctx.needs_body = True  # token usage is in the body: read it before answering
+        worst = self.worst(ctx, request.n)
+        if price.per_token and not request.stream:
+            ctx.needs_body = True  # token usage is in the body: read it before answering
         budget = ctx.identity.settings.get("budget", {})
         periods = spend_periods(ctx.identity.name, int(time.time() // 60))
         reservations = [Reservation(key, worst, budget.get(setting), ttl) for setting, key, ttl, _ in periods]
@@ -211,28 +210,19 @@ class CostPlugin:
                 code="insufficient_quota",
             )
         ctx.scratch["cost"] = {"reserved": worst, "keys": [(key, ttl) for _, key, ttl, _ in periods], "pending": pending}
-        if not price.per_token:
-            ctx.response_headers["x-imgproxy-cost-usd"] = usd(images_cost)
-
-    @hookimpl
-    def imgproxy_rewrite_response(self, ctx, result):
-        quality = result.extra.get("quality", ctx.request.quality)
-        size = result.extra.get("size", ctx.request.size)
-        cost = self.cost(ctx, len(result.images), result.usage, quality, size)
-        ctx.scratch["cost"]["actual"] = cost
-        ctx.response_headers["x-imgproxy-cost-usd"] = usd(cost)
 
     @hookimpl
     async def imgproxy_record_usage(self, ctx, outcome):
         scratch = ctx.scratch.get("cost")
         cost = 0.0
         if scratch is not None:
-            cost = scratch.get("actual")
-            if outcome.cut:
-                cost = scratch["reserved"]  # the provider may have generated it all: it bills the call
-            elif cost is None:
-                cost = self.cost(ctx, outcome.images, outcome.usage, ctx.request.quality, ctx.request.size)
+            # Cut short after the call (a shutdown's drain timeout): the provider bills it all.
+            cost = scratch["reserved"] if outcome.cut else self.cost(ctx, outcome)
         outcome.cost_usd = cost
+        # The header says what the record says. This runs before a response that is not
+        # streamed goes out; a streamed answer's headers went out before its cost was known,
+        # and ctx.stamp no longer reaches them: there the header is absent.
+        ctx.response_headers["x-imgproxy-cost-usd"] = usd(cost)
         record = self.usage_record(ctx, outcome, cost) if ctx.request is not None else None
         if scratch is not None:
             try:
@@ -243,11 +233,28 @@ class CostPlugin:
         if record is not None:
             self.write(record)
 
-    def cost(self, ctx, images: int, usage: dict | None, quality: str | None, size: str | None) -> float:
+    def worst(self, ctx, images: int) -> float:
+        """The most `images` images of this request can cost: each at the highest price its
+        quality and size allow, plus, for token-priced models, the prompt's tokens at worst."""
+        request, price = ctx.request, self.prices[ctx.route.model.name]
+        cost = images * price.image(request.quality, request.size)
+        if price.per_token:
+            cost += len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
+        return cost
+
+    def cost(self, ctx, outcome) -> float:
+        """What the request is billed: the images delivered (never more than n) at the
+        request's price, or the upstream's token usage for them, never more than their worst
+        case; nothing else the upstream says changes the price. Refusals, failures and answers
+        the upstream broke off (outcome.upstream_error_kind, even after a 200) cost nothing."""
+        failed = outcome.status != 200 or outcome.upstream_error_kind is not None
+        images = 0 if failed else min(outcome.images, ctx.request.n)
+        if not images:
+            return 0.0
         price = self.prices[ctx.route.model.name]
-        if price.per_token and usage:
-            return price.tokens(usage)
-        return images * price.image(quality, size)
+        if price.per_token and valid_usage(outcome.usage):
+            return min(price.tokens(outcome.usage), self.worst(ctx, images))
+        return images * price.image(ctx.request.quality, ctx.request.size)
 
     def usage_record(self, ctx, outcome, cost: float) -> dict:
         return {

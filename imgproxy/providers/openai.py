@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 
 from ..errors import GatewayError, upstream_error
-from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply, token_usage
+from ..inline_images import RESPONSE_ENUMS, valid_usage
+from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply
 from .base import Provider, log, request_param
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 POLICY_CODES = {"content_policy_violation", "moderation_blocked"}
-RESPONSE_EXTRAS = ("background", "output_format", "size", "quality")
 # Seconds or an HTTP date: the only Retry-After values passed on to the client.
 RETRY_AFTER = re.compile(r"\d{1,9}|[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
 
@@ -52,7 +52,7 @@ class OpenAIProvider(Provider):
             return StreamedReply(resp, "application/json", first)
         if request.response_format == "url" and upstream_format == "b64_json":
             # The images will be hosted: decode them as they arrive rather than hold the answer.
-            body, decoded = await self.upstream.read_inline_images(resp, self.config)
+            body, decoded = await self.upstream.read_inline_images(resp, self.config, keep=request.n)
             resp.release()
             return self.parse(body, request, decoded)
         body = await self.upstream.read_json(resp, self.config)
@@ -85,17 +85,21 @@ class OpenAIProvider(Provider):
         body.update(request.options)
         return body
 
-    def parse(self, body: dict, request: ImageRequest, decoded: list[bytearray] | None = None) -> ImagesResult:
+    def parse(self, body: dict, request: ImageRequest, decoded: list[bytearray | None] | None = None) -> ImagesResult:
         """`decoded`: the images of a body read by read_inline_images, whose b64_json values
-        are empty in `body`."""
+        are empty in `body`. Images beyond the `n` asked for are dropped: never delivered, never
+        paid for. Fields outside the ImagesResponse shape are left out."""
         data = body.get("data")
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
             raise upstream_error(f"The provider '{self.config.name}' returned no image list.", code="upstream_bad_response")
         if decoded is not None and len(decoded) != sum(isinstance(item.get("b64_json"), str) for item in data):
             raise upstream_error(f"The provider '{self.config.name}' returned images outside its image list.", code="upstream_bad_response")
+        if len(data) > request.n:
+            log.warning("provider %s returned %d images where %d were asked for: the rest dropped", self.config.name, len(data), request.n)
+            data = data[: request.n]
         inline = iter(decoded or ())
-        answered = body.get("output_format") if isinstance(body.get("output_format"), str) else None
-        content_type = CONTENT_TYPES.get(answered or request.options.get("output_format") or "png")
+        extra = {key: body[key] for key, allowed in RESPONSE_ENUMS.items() if body.get(key) in allowed}
+        content_type = CONTENT_TYPES.get(extra.get("output_format") or request.options.get("output_format"), "image/png")
         images = []
         for item in data:
             b64, url, revised = item.get("b64_json"), item.get("url"), item.get("revised_prompt")
@@ -109,8 +113,8 @@ class OpenAIProvider(Provider):
         return ImagesResult(
             created=created if isinstance(created, int) else 0,
             images=images,
-            usage=_numbers(usage) if (usage := token_usage(body.get("usage"))) is not None else None,
-            extra={k: body[k] for k in RESPONSE_EXTRAS if self.plain_word(body.get(k))},
+            usage=_numbers(body["usage"]) if valid_usage(body.get("usage")) else None,
+            extra=extra,
         )
 
     def map_error(self, status: int, body: dict, resp) -> GatewayError:
