@@ -126,7 +126,7 @@ def serve_command(args) -> int:
     # the objects of 64 requests in flight set it off every ~12 requests for nothing to find
     # (~30 us per request). 10,000 is passed only when thousands of requests are in flight.
     gc.set_threshold(10_000, 10, 10)
-    # The listener caps connections and header time (docs/security-limits.md); serve drains
+    # The listener caps connections and header time (docs/security.md); serve drains
     # within server.drain_timeout on SIGTERM (docs/operations.md).
     app = create_app(runtime, reuse_port=args.reuse_port)
     runner = listener.api_runner(app, server, gateway.shared.metrics, shutdown_timeout=serving.CANCEL_GRACE)

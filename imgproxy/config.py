@@ -36,7 +36,7 @@ class ServerConfig:
     drain_timeout: float = 25.0
     reload_interval: float = 10.0
     backlog: int = 128
-    # Resource limits (docs/security-limits.md); read when the server starts.
+    # Resource limits (docs/security.md); read when the server starts.
     max_connections: int = 1024
     header_timeout: float = 10.0
     max_header_bytes: int = 64 * 1024

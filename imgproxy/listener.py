@@ -5,7 +5,7 @@ OpenAI envelopes that carry nothing of the request, counted, and logged at a bou
 aiohttp has none of these (its keep-alive timer does not run while headers trickle in, and its
 400 for a malformed header echoes the header), so the connection handler is a subclass of
 aiohttp's RequestHandler; `run` replaces `web.run_app` so that the API port gets it.
-What is promised is in docs/security-limits.md.
+What is promised is in docs/security.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Resource exhaustion, against real `imgproxy serve` processes: a flood of connections that
 never finish their headers, requests the HTTP parser refuses, and more large upstream answers
-at once than the memory budget holds. docs/security-limits.md says what these show."""
+at once than the memory budget holds. docs/security.md says what these show."""
 
 from __future__ import annotations
 

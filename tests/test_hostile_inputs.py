@@ -204,8 +204,9 @@ async def test_api_keys_that_are_not_utf8_are_401(client, fake_openai, token):
     ],
 )
 async def test_what_the_http_parser_refuses_is_400(client, head):
-    # Refused by aiohttp's HTTP parser before any gateway code runs: a plain-text 400 (the
-    # one refusal that is not an envelope, see docs/security-inputs.md), never a 500.
+    # Refused by aiohttp's HTTP parser before any gateway code runs: never a 500. (This
+    # in-process server answers aiohttp's plain 400; `imgproxy serve`'s listener answers an
+    # envelope that quotes nothing: tests/test_exhaustion.py.)
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     writer.write(head + b"\r\nConnection: close\r\n\r\n")
     answer = await reader.read()
@@ -249,14 +250,14 @@ async def test_upstream_error_bodies_that_cannot_be_parsed_are_502(client, fake_
     await assert_error(resp, 502, "upstream_bad_response")
 
 
-async def test_a_streamed_answer_with_a_deep_usage_is_still_served(client, fake_openai):
-    # Passed through as it arrives (dall-e-3, b64_json): the tap reads `usage` from the tail.
+async def test_a_streamed_answer_with_a_deep_usage_is_a_502_not_a_500(client, fake_openai):
+    # Checked as it is passed through (dall-e-3, b64_json): a usage that is not OpenAI's
+    # usage object makes the answer invalid, whatever its depth.
     usage = b'"usage": {"total_tokens": ' + b"[" * 1500 + b"]" * 1500 + b"}"
     raw = b'{"created": 1, "data": [{"b64_json": "aGk="}], ' + usage + b"}"
     fake_openai.cue(body=raw)
     resp = await client.post(URL, json={"model": "dall-e-3", "prompt": "x", "response_format": "b64_json"}, headers=AUTH)
-    assert resp.status == 200
-    assert await resp.read() == raw
+    await assert_error(resp, 502, "upstream_bad_response")
 
 
 # Found by tests/test_fuzz.py's upstream fuzzing: fields of the right name and the wrong type.
