@@ -1,6 +1,6 @@
 """CPU instructions per request, counted by valgrind: a figure the machine's noise does not move.
 
-    python -m tests.benchmarks.instructions [--seconds 30] [--targets baseline,imgproxy]
+    python -m tests.benchmarks.instructions [--seconds 30] [--targets baseline,imgproxy] [--python OTHER_VENV/bin/python]
 
 Needs valgrind (Debian's `valgrind`) and wrk. Each proxy runs under callgrind with
 instrumentation off while it starts and warms up; it is switched on for a run of small `url`
@@ -32,6 +32,9 @@ from tests.benchmarks.run import (
 )
 
 
+PYTHONS: dict[str, str] = {}
+
+
 def count(target: str, upstream: int, workdir: Path, script: Path, seconds: float) -> dict:
     port = free_port()
     if target == "baseline":
@@ -39,9 +42,11 @@ def count(target: str, upstream: int, workdir: Path, script: Path, seconds: floa
     else:
         config = workdir / "imgproxy.yaml"
         config.write_text(IMGPROXY_CONFIG.format(port=port, key=KEY, upstream=upstream, images=workdir / "images"))
-        args = ["-m", "imgproxy", "serve", "--config", str(config)]
+        # -P: the installed imgproxy, not the checkout this runs from.
+        args = ["-P", "-m", "imgproxy", "serve", "--config", str(config)]
     log = workdir / f"{target}.callgrind.log"
-    python = os.path.realpath(sys.executable)  # valgrind must run the interpreter, not a shim
+    # valgrind must run the interpreter, not a shim; `before` is another venv's (--python)
+    python = os.path.realpath(PYTHONS.get(target, sys.executable))
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={workdir / target}.out", python, *args]
     with log.open("w") as out:
         proc = start(0, command, port, log=out, wait=300)  # start-up under valgrind is slow
@@ -64,7 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--targets", default="baseline,imgproxy")
+    parser.add_argument("--python", help="the Python of another venv with imgproxy installed (the code before a change): adds a target `before`")
     args = parser.parse_args()
+    if args.python:
+        PYTHONS["before"] = args.python
+        args.targets += ",before"
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         upstream = free_port()
@@ -80,6 +89,8 @@ def main() -> None:
         print(f"{target:9} {result['per_request']:>10,} instructions per request ({result['requests']} requests)")
     if {"baseline", "imgproxy"} <= results.keys():
         print(f"imgproxy / baseline: {results['imgproxy']['per_request'] / results['baseline']['per_request']:.2f}x")
+    if {"before", "imgproxy"} <= results.keys():
+        print(f"imgproxy / before: {results['imgproxy']['per_request'] / results['before']['per_request']:.3f}x")
 
 
 if __name__ == "__main__":

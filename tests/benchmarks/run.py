@@ -3,6 +3,7 @@ proxy (the baseline) and imgproxy with its shipped hook chain, interleaved in on
 
     python -m tests.benchmarks.run                     # every scenario, 3 interleaved rounds
     python -m tests.benchmarks.run --scenarios small-1c,small-64c --rounds 5 --json results.json
+    python -m tests.benchmarks.run --before /tmp/venv-old/bin/imgproxy   # a change, before and after, in one run
 
 Needs wrk (Debian's `wrk`) and taskset. The proxies run pinned to CPU 0; wrk and the mock
 upstream share CPU 1. Per run it reports requests/s, p50/p99 latency, errors, the proxy's CPU
@@ -144,23 +145,27 @@ def wrk(url: str, script: Path, conns: int, seconds: float, timeout: float) -> d
     return json.loads(line[len("RESULT "):])
 
 
-def run_scenario(name: str, spec: dict, rounds: int, workdir: Path) -> dict:
-    ports = {target: free_port() for target in TARGETS}
+def run_scenario(name: str, spec: dict, rounds: int, workdir: Path, before: str | None = None) -> dict:
+    targets = TARGETS + ("before",) if before else TARGETS
+    ports = {target: free_port() for target in targets}
     mock = start(1, [sys.executable, "-m", "tests.benchmarks.mock_upstream", "--port", str(ports["direct"]), *spec["mock"]], ports["direct"])
     baseline = start(0, [sys.executable, "-m", "tests.benchmarks.baseline_proxy", "--port", str(ports["baseline"]), "--upstream", f"http://127.0.0.1:{ports['direct']}"], ports["baseline"])
-    config = workdir / f"{name}.yaml"
-    config.write_text(IMGPROXY_CONFIG.format(port=ports["imgproxy"], key=KEY, upstream=ports["direct"], images=workdir / "images"))
-    imgproxy_bin = shutil.which("imgproxy") or str(Path(sys.executable).parent / "imgproxy")
-    imgproxy = start(0, [imgproxy_bin, "serve", "--config", str(config)], ports["imgproxy"])
-    pids = {"direct": mock.pid, "baseline": baseline.pid, "imgproxy": imgproxy.pid}
+    # This Python's imgproxy (the venv's), and with --before another installed copy of it.
+    binaries = {"imgproxy": str(Path(sys.executable).parent / "imgproxy"), "before": before}
+    proxies = {}
+    for target in targets[len(TARGETS) - 1 :]:
+        config = workdir / f"{name}-{target}.yaml"
+        config.write_text(IMGPROXY_CONFIG.format(port=ports[target], key=KEY, upstream=ports["direct"], images=workdir / f"images-{target}"))
+        proxies[target] = start(0, [binaries[target], "serve", "--config", str(config)], ports[target])
+    pids = {"direct": mock.pid, "baseline": baseline.pid, **{target: proc.pid for target, proc in proxies.items()}}
     script = workdir / f"{name}.lua"
     script.write_text(WRK_SCRIPT.format(body=json.dumps(json.dumps(spec["body"])), key=KEY))
-    runs = {target: [] for target in TARGETS}
+    runs = {target: [] for target in targets}
     try:
-        for target in TARGETS:  # warm-up, not counted
+        for target in targets:  # warm-up, not counted
             wrk(f"http://127.0.0.1:{ports[target]}/v1/images/generations", script, min(spec["conns"], 16), 1, 10)
         for _ in range(rounds):
-            for target in TARGETS:
+            for target in targets:
                 sampler = Sampler(pids[target])
                 sampler.start()
                 result = wrk(f"http://127.0.0.1:{ports[target]}/v1/images/generations", script, spec["conns"], spec["seconds"], spec.get("timeout", 10))
@@ -176,9 +181,9 @@ def run_scenario(name: str, spec: dict, rounds: int, workdir: Path) -> dict:
                 })
                 time.sleep(0.5)
     finally:
-        for proc in (imgproxy, baseline, mock):
+        for proc in (*proxies.values(), baseline, mock):
             proc.send_signal(signal.SIGINT)
-        for proc in (imgproxy, baseline, mock):
+        for proc in (*proxies.values(), baseline, mock):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -187,7 +192,7 @@ def run_scenario(name: str, spec: dict, rounds: int, workdir: Path) -> dict:
 
 
 def summarize(runs: dict) -> dict:
-    med = {t: {k: statistics.median(r[k] for r in runs[t]) for k in runs[t][0]} for t in TARGETS}
+    med = {t: {k: statistics.median(r[k] for r in runs[t]) for k in runs[t][0]} for t in runs}
     added = {t: med[t]["p50_ms"] - med["direct"]["p50_ms"] for t in ("baseline", "imgproxy")}
     return {
         "median": med,
@@ -195,6 +200,7 @@ def summarize(runs: dict) -> dict:
         "added_p50_ratio": added["imgproxy"] / added["baseline"] if added["baseline"] > 0 else None,
         "rps_ratio": med["imgproxy"]["rps"] / med["baseline"]["rps"],
         "rss_ratio": med["imgproxy"]["peak_rss_mb"] / med["baseline"]["peak_rss_mb"],
+        **({"rps_ratio_to_before": med["imgproxy"]["rps"] / med["before"]["rps"]} if "before" in med else {}),
     }
 
 
@@ -202,12 +208,14 @@ def print_table(name: str, summary: dict, runs: dict) -> None:
     print(f"\n### {name}   (rounds: {len(runs['direct'])})")
     print("| target | req/s | p50 ms | p99 ms | added p50 ms | errors | CPU (cores) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
-    for target in TARGETS:
+    for target in runs:
         m = summary["median"][target]
         added = summary["added_p50_ms"].get(target)
         print(f"| {target} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {'' if added is None else f'{added:.2f}'} | {m['errors']:.0f} | {m['cpu']:.2f} | {m['peak_rss_mb']:.0f} |")
     ratio = summary["added_p50_ratio"]
     print(f"imgproxy / baseline: req/s {summary['rps_ratio']:.2f}x, added p50 {'n/a' if ratio is None else f'{ratio:.2f}x'}, peak RSS {summary['rss_ratio']:.2f}x")
+    if "rps_ratio_to_before" in summary:
+        print(f"imgproxy / before: req/s {summary['rps_ratio_to_before']:.2f}x")
 
 
 def main() -> None:
@@ -216,6 +224,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, help="override every scenario's run length")
     parser.add_argument("--json", help="also write all runs and summaries to this file")
+    parser.add_argument("--before", help="the `imgproxy` command of another install (the code before a change), run as a fourth target")
     args = parser.parse_args()
     for needed in ("wrk", "taskset"):
         if shutil.which(needed) is None:
@@ -226,7 +235,7 @@ def main() -> None:
             spec = dict(SCENARIOS[name])
             if args.seconds:
                 spec["seconds"] = args.seconds
-            runs = run_scenario(name, spec, args.rounds, Path(workdir))
+            runs = run_scenario(name, spec, args.rounds, Path(workdir), args.before)
             results[name] = {"runs": runs, "summary": summarize(runs)}
             print_table(name, results[name]["summary"], runs)
             sys.stdout.flush()
