@@ -45,8 +45,9 @@ def count(target: str, upstream: int, workdir: Path, script: Path, seconds: floa
         # -P: the installed imgproxy, not the checkout this runs from.
         args = ["-P", "-m", "imgproxy", "serve", "--config", str(config)]
     log = workdir / f"{target}.callgrind.log"
-    # valgrind must run the interpreter, not a shim; `before` is another venv's (--python)
-    python = os.path.realpath(PYTHONS.get(target, sys.executable))
+    # A venv's python (a link to the interpreter, so valgrind runs the interpreter itself, and
+    # Python still finds the venv from the path it was started by); `before` is another venv's.
+    python = os.path.abspath(PYTHONS.get(target, sys.executable))
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={workdir / target}.out", python, *args]
     with log.open("w") as out:
         proc = start(0, command, port, log=out, wait=300)  # start-up under valgrind is slow
