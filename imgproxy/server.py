@@ -12,7 +12,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import models_api
+from . import cors, models_api
 from .errors import GatewayError
 from .gateway import Gateway
 from .listener import OPS_MAX_CONNECTIONS, GuardedRunner, Listener
@@ -44,6 +44,7 @@ def create_app(served: Gateway | Runtime, *, reuse_port: bool = False) -> web.Ap
     app = web.Application(middlewares=[serve_request], client_max_size=MAX_BODY_CEILING)
     app[RUNTIME] = runtime
     app.cleanup_ctx.append(_lifecycle)
+    cors.setup(app, lambda: runtime.gateway.config.server.cors_origins)
     app.router.add_post("/v1/images/generations", post_generations)
     app.router.add_get("/v1/images/files/{name}", get_image_file)
     app.router.add_get("/v1/models", get_models)
@@ -102,7 +103,11 @@ async def serve_request(request: web.Request, handler):
     started, status = time.monotonic(), 500
     try:
         try:
-            response = await handler(request)
+            if request.method == "OPTIONS" and cors.is_preflight(request):
+                # Browsers send no key with a preflight: answered here, before any handler.
+                response = cors.preflight(request)
+            else:
+                response = await handler(request)
         except Exception as exc:
             response = error_response(request, exc)
         status = response.status
