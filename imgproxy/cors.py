@@ -33,6 +33,8 @@ _EXPOSED = re.compile(r"x-request-id|retry-after|x-ratelimit-[a-z0-9-]+|x-imgpro
 # an origin removed from the config stops working soon after a reload.
 MAX_AGE = "600"
 
+_GRANTS = ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials", "Access-Control-Expose-Headers")
+
 ORIGINS = web.AppKey("cors_origins", Callable[[], tuple[str, ...]])
 
 
@@ -64,10 +66,9 @@ def is_preflight(request: web.Request) -> bool:
 
 
 def preflight(request: web.Request) -> web.Response:
-    """204 with what the browser may send, for an allowed origin; 403 for any other. No key is
-    asked for: browsers send none with a preflight."""
-    origin = allowed(request.app[ORIGINS](), request.headers["Origin"])
-    if origin is None:
+    """204 with what the browser may send, for an allowed origin (which _mark_response names);
+    403 for any other. No key is asked for: browsers send none with a preflight."""
+    if allowed(request.app[ORIGINS](), request.headers["Origin"]) is None:
         raise GatewayError(
             403, "Cross-origin requests from this origin are not allowed by this gateway (server.cors_origins).",
             type="permission_error", code="cors_origin_not_allowed",
@@ -76,11 +77,10 @@ def preflight(request: web.Request) -> web.Response:
     sdk_headers = sorted({name for name in requested if _SDK_HEADER.fullmatch(name)})
     methods = request.match_info.http_exception.allowed_methods
     return web.Response(status=204, headers={
-        "Access-Control-Allow-Origin": origin,
         "Access-Control-Allow-Methods": ", ".join(sorted(methods)),
         "Access-Control-Allow-Headers": ", ".join((*ALLOW_HEADERS, *sdk_headers)),
         "Access-Control-Max-Age": MAX_AGE,
-        "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+        "Vary": "Access-Control-Request-Method, Access-Control-Request-Headers",
     })
 
 
@@ -89,15 +89,18 @@ async def _mark_response(request: web.Request, response: web.StreamResponse) -> 
     if not request.path.startswith(API_PREFIX):
         return
     origins = request.app[ORIGINS]()
-    if not origins or "Access-Control-Allow-Origin" in response.headers:
+    if not origins:
         return
+    # Granted here only, preflights included: never by a plugin's header or one copied from an upstream.
+    for name in _GRANTS:
+        response.headers.popall(name, None)
     # The answer depends on the Origin header whenever CORS is on: caches must keep them apart.
     _add_vary(response, "Origin")
     origin = allowed(origins, request.headers.get("Origin"))
     if origin is None:
         return
     response.headers["Access-Control-Allow-Origin"] = origin
-    exposed = [name for name in response.headers if _EXPOSED.fullmatch(name)]
+    exposed = list(dict.fromkeys(name for name in response.headers if _EXPOSED.fullmatch(name)))
     if exposed:
         response.headers["Access-Control-Expose-Headers"] = ", ".join(exposed)
 

@@ -5,6 +5,7 @@ import pytest
 
 from imgproxy.config import ConfigError
 from imgproxy.gateway import Gateway
+from imgproxy.hookspecs import hookimpl
 from imgproxy.runtime import Runtime
 from imgproxy.server import create_app
 from tests.conftest import AUTH, CLIENT_KEY, assert_error, images_body
@@ -217,3 +218,20 @@ async def test_an_origin_not_in_the_form_browsers_send_is_a_config_error(config_
     with pytest.raises(ConfigError) as caught:
         await Gateway.load(text=config_text(f"server:\n  cors_origins: ['{origin}']\n"), env={})
     assert caught.value.path == "server.cors_origins.0"
+
+
+async def test_only_the_configured_origins_are_granted_whoever_sets_the_headers(make_client, config_text):
+    # A plugin (or, some day, a header copied from an upstream) that grants every origin.
+    class Careless:
+        @hookimpl
+        def imgproxy_authorize_request(self, ctx):
+            ctx.response_headers.update({"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Credentials": "true"})
+
+    client = await make_client(config_text(CORS), plugins=[Careless])
+    other = await client.post(URL, json=BODY, headers={**AUTH, "Origin": "https://evil.example.com"})
+    await images_body(other)
+    no_cors(other)
+    listed_origin = await client.post(URL, json=BODY, headers={**AUTH, "Origin": APP})
+    await images_body(listed_origin)
+    assert listed_origin.headers.getall("Access-Control-Allow-Origin") == [APP]
+    assert "Access-Control-Allow-Credentials" not in listed_origin.headers
