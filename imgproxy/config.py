@@ -42,6 +42,11 @@ class ServerConfig:
     max_header_bytes: int = 64 * 1024
     keepalive_timeout: float = 75.0
     max_upstream_buffer_bytes: int = 96 * 1024 * 1024
+    # Browser origins allowed to call the API (imgproxy.cors); read per request, so a reload applies.
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ At start-up:
 
 Per request (after the body is parsed, schema-checked, routed and capability-checked):
   5. imgproxy_authenticate        – who is calling (first result wins)
-  6. imgproxy_authorize_request   – may this caller use this model and these options (local, cheap)
+  6. imgproxy_authorize_model     – may this caller use this model at all (also decides what
+                                    GET /v1/models lists for it)
+     imgproxy_authorize_request   – may this caller use these options (local, cheap)
   7. imgproxy_check_limits        – rate limits, budget reservations
   8. imgproxy_check_content       – content policy, moderation model (may cost money)
      … the provider adapter calls the upstream …
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pluggy
 
 if TYPE_CHECKING:
+    from .config import ModelConfig
     from .gateway import Gateway
     from .messages import Identity, ImagesResult, Outcome, RequestContext
     from .providers.base import Provider
@@ -113,11 +116,20 @@ def imgproxy_authenticate(ctx: RequestContext) -> Identity | Awaitable[Identity 
 
 
 @hookspec
+def imgproxy_authorize_model(identity: Identity, model: ModelConfig) -> MaybeAwaitable:
+    """May this caller use this model at all: raise GatewayError to refuse. The same answer
+    decides whether a generation may go ahead (before imgproxy_authorize_request) and whether
+    `GET /v1/models` shows the model to this caller, so it may depend only on the caller and
+    the model (`model.name`, `.aliases`, `.provider`, `.upstream_model`), never on a request.
+    Every implementation runs; keep it cheap and local (it runs once per model for a listing)."""
+
+
+@hookspec
 def imgproxy_authorize_request(ctx: RequestContext) -> MaybeAwaitable:
-    """May this caller make this request at all: model allow-lists, options the key may use,
-    end users cooling down. Keep it cheap and local (no paid or remote call). Every
-    implementation runs; raise GatewayError to refuse. `ctx.request` is the validated
-    ImageRequest and `ctx.identity` the caller."""
+    """May this caller make this request at all: options the key may use, end users cooling
+    down (which models it may use is imgproxy_authorize_model's, which has passed). Keep it
+    cheap and local (no paid or remote call). Every implementation runs; raise GatewayError to
+    refuse. `ctx.request` is the validated ImageRequest and `ctx.identity` the caller."""
 
 
 @hookspec

@@ -75,6 +75,7 @@ async def check_request(ctx: RequestContext) -> None:
     # Cheapest first: a caller refused locally, or over its limits, never makes the gateway
     # pay for a content check (a moderation model is a paid upstream call).
     hooks = ctx.gateway.hooks
+    await hooks.call("imgproxy_authorize_model", identity=ctx.identity, model=ctx.route.model)
     await hooks.call("imgproxy_authorize_request", ctx=ctx)
     await hooks.call("imgproxy_check_limits", ctx=ctx)
     await hooks.call("imgproxy_check_content", ctx=ctx)

@@ -32,13 +32,12 @@ class RoutingTable:
             provider, _, name = requested.partition("/")
             route = self._by_provider.get((provider, name))
         if route is None:
-            raise GatewayError(
-                404,
-                f"The model '{requested}' does not exist or is not served by this gateway.",
-                code="model_not_found",
-                param="model",
-            )
+            raise model_not_found(requested)
         return route
+
+    def routes(self) -> list[Route]:
+        """Each model once, in the config's order."""
+        return list({id(route): route for route in self._by_name.values()}.values())
 
     def rows(self) -> list[tuple[str, str, str, str]]:
         """(public name, aliases, provider, upstream model) for every model, for check-config."""
@@ -49,3 +48,13 @@ class RoutingTable:
                 m = route.model
                 rows.append((m.name, ", ".join(m.aliases), f"{route.provider.name} ({route.provider.type})", m.upstream_model))
         return rows
+
+
+def model_not_found(requested: str) -> GatewayError:
+    """Also the answer for a model the caller may not see: the same words whether it exists or not."""
+    return GatewayError(
+        404,
+        f"The model '{requested}' does not exist or is not served by this gateway.",
+        code="model_not_found",
+        param="model",
+    )

@@ -12,6 +12,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from . import cors, models_api
 from .errors import GatewayError
 from .gateway import Gateway
 from .listener import OPS_MAX_CONNECTIONS, GuardedRunner, Listener
@@ -43,8 +44,12 @@ def create_app(served: Gateway | Runtime, *, reuse_port: bool = False) -> web.Ap
     app = web.Application(middlewares=[serve_request], client_max_size=MAX_BODY_CEILING)
     app[RUNTIME] = runtime
     app.cleanup_ctx.append(_lifecycle)
+    cors.setup(app, lambda: runtime.gateway.config.server.cors_origins)
     app.router.add_post("/v1/images/generations", post_generations)
     app.router.add_get("/v1/images/files/{name}", get_image_file)
+    app.router.add_get("/v1/models", get_models)
+    # `.+`: a model may be named provider/model, as in a generation request.
+    app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     metrics = runtime.gateway.config.metrics
@@ -98,7 +103,11 @@ async def serve_request(request: web.Request, handler):
     started, status = time.monotonic(), 500
     try:
         try:
-            response = await handler(request)
+            if request.method == "OPTIONS" and cors.is_preflight(request):
+                # Browsers send no key with a preflight: answered here, before any handler.
+                response = cors.preflight(request)
+            else:
+                response = await handler(request)
         except Exception as exc:
             response = error_response(request, exc)
         status = response.status
@@ -173,6 +182,15 @@ async def post_generations(request: web.Request) -> web.StreamResponse:
         return await generate_images(ctx)
     finally:
         gateway.request_finished()
+
+
+async def get_models(request: web.Request) -> web.Response:
+    return await models_api.list_models(request.app[RUNTIME].gateway, request, request[REQUEST_ID])
+
+
+async def get_model(request: web.Request) -> web.Response:
+    gateway = request.app[RUNTIME].gateway
+    return await models_api.retrieve_model(gateway, request, request[REQUEST_ID], request.match_info["model"])
 
 
 async def get_image_file(request: web.Request) -> web.StreamResponse:

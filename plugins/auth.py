@@ -157,21 +157,20 @@ class AuthPlugin:
         return Identity(match.name, match.settings)
 
     @hookimpl
-    def imgproxy_authorize_request(self, ctx):
-        patterns = ctx.identity.settings.get("models")
+    def imgproxy_authorize_model(self, identity, model):
+        patterns = identity.settings.get("models")
         if patterns is None:
             return
-        model = ctx.route.model
-        allowed = self._allowed.get((ctx.identity.name, model.name))
+        allowed = self._allowed.get((identity.name, model.name))
         if allowed is None:
             # Decided once per (key, model): the answer depends on nothing else.
             names = (model.name, *model.aliases, f"{model.provider}/{model.name}", f"{model.provider}/{model.upstream_model}")
             allowed = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names)
-            self._allowed[(ctx.identity.name, model.name)] = allowed
+            self._allowed[(identity.name, model.name)] = allowed
         if not allowed:
             raise GatewayError(
                 403,
-                f"The API key '{ctx.identity.name}' may not use the model '{model.name}'.",
+                f"The API key '{identity.name}' may not use the model '{model.name}'.",
                 type="permission_error",
                 code="model_not_allowed",
                 param="model",
