@@ -20,7 +20,7 @@ from imgproxy.hookspecs import hookimpl
 from imgproxy.messages import Identity
 
 # The one rule for every client key, however it is configured (docs/configuration.md, `auth`).
-MIN_KEY_LENGTH = 16
+MIN_KEY_LENGTH = 8
 
 OWN_KEY_SETTINGS = {
     "models": {

@@ -23,7 +23,7 @@ from tests.s3server import s3_env, s3_server  # noqa: F401 (fixtures)
 
 CLIENT_KEY = "sk-client-test-key-0001"
 # A secret given to config tests through the environment (too short for a client key on purpose).
-SECRET_ENV_VALUE = "s3cr3t-teamval1"
+SECRET_ENV_VALUE = "s3cr3t7"  # shorter than a client key may be
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 
 IMAGES_RESPONSE = openai_validator("ImagesResponse")

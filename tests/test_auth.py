@@ -102,7 +102,7 @@ async def test_model_globs_and_key_defaults(make_client, config_text):
     await assert_error(await client.post(URL, json={"model": "dall-e-2", "prompt": "x"}, headers=other), 403, "model_not_allowed", "model")
 
 
-@pytest.mark.parametrize("api_keys", ["abc", "sk-15-chars-xyz", "sk-long-enough-key-000,sk-15-chars-xyz", " sk-long-enough-key-000 , abc ,"])
+@pytest.mark.parametrize("api_keys", ["abc", "sk-7chr", "sk-long-enough-key-000,sk-7chr", " sk-long-enough-key-000 , abc ,"])
 async def test_one_length_rule_for_every_client_key(make_client, config_text, api_keys):
     from imgproxy.config import ConfigError
     from imgproxy.plugins.auth import MIN_KEY_LENGTH
@@ -122,8 +122,8 @@ async def test_one_length_rule_for_every_client_key(make_client, config_text, ap
 
 async def test_a_key_of_exactly_the_minimum_length_is_accepted(make_client, config_text):
     text = config_text().replace("auth:\n", "auth:\n  api_keys: ${IMGPROXY_API_KEYS}\n")
-    client = await make_client(text, env={"IMGPROXY_API_KEYS": "sk-16-chars-xyzw"})
-    await images_body(await client.post(URL, json=BODY, headers={"Authorization": "Bearer sk-16-chars-xyzw"}))
+    client = await make_client(text, env={"IMGPROXY_API_KEYS": "sk-8char"})
+    await images_body(await client.post(URL, json=BODY, headers={"Authorization": "Bearer sk-8char"}))
 
 
 def test_documented_example_keys_follow_the_rule():

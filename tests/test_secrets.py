@@ -275,7 +275,7 @@ async def test_literal_config_strings_are_not_quoted_in_schema_errors():
     """A key written into the file itself is not printed either (the error is logged on reload)."""
     with pytest.raises(ConfigError) as caught:
         await Gateway.load(text=TEAM.format(key=SECRET_ENV_VALUE, provider_key="k"), env={})
-    assert caught.value.path == "auth.keys.0.key" and "at least 16 characters" in caught.value.problem
+    assert caught.value.path == "auth.keys.0.key" and "at least 8 characters" in caught.value.problem
     assert SECRET_ENV_VALUE not in str(caught.value)
 
 
@@ -284,7 +284,7 @@ def test_check_config_names_the_variable_not_its_value(tmp_path):
     config.write_text(TEAM.format(key="${TEAM_KEY}", provider_key="k"))
     result = run_imgproxy("check-config", str(config), env={"TEAM_KEY": SECRET_ENV_VALUE, "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1, result.stdout + result.stderr
-    assert f"{config}: auth.keys.0.key: must be at least 16 characters long (value from $TEAM_KEY)" in result.stderr
+    assert f"{config}: auth.keys.0.key: must be at least 8 characters long (value from $TEAM_KEY)" in result.stderr
     assert SECRET_ENV_VALUE not in result.stdout + result.stderr
 
 
