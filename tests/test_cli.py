@@ -13,21 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_imgproxy
+from tests.processes import clean_env, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # The installed console script, as users run it (`python -m` from the checkout would import the source tree).
 IMGPROXY = [str(Path(sys.executable).parent / "imgproxy")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "STABILITY_", "IMGPROXY_"))}
-    return {**env, **extra}
 
 
 def post(port: int, body: dict, key: str) -> tuple[int, dict]:

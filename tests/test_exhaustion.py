@@ -10,7 +10,6 @@ import json
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,18 +19,13 @@ import pytest
 from aiohttp import web
 
 from tests.fakes import FAKE_B64, openai_validator
+from tests.processes import free_port
 
 IMGPROXY = str(Path(sys.executable).parent / "imgproxy")
 CLIENT_KEY = "sk-exhaustion-client-key-0001"
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 MiB = 1024 * 1024
 HELD_BACK = 1024  # bytes of each answer the slow upstream keeps until the test lets them go
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Served:

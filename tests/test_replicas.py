@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.fakes import FakeUpstream
-from tests.redisserver import free_port
+from tests.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 IMGPROXY = str(Path(sys.executable).parent / "imgproxy")

@@ -37,6 +37,22 @@ def workers_of(pid: int) -> set[int]:
     return {int(child) for child in children}
 
 
+def start_two_workers(config: Path, port: int) -> subprocess.Popen:
+    """`imgproxy serve --workers 2`, once it listens and both workers run."""
+    proc = subprocess.Popen([IMGPROXY, "serve", "--config", str(config), "--workers", "2"], cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, proc)
+        deadline = time.monotonic() + 20
+        while len(workers_of(proc.pid)) < 2:
+            assert time.monotonic() < deadline, "two workers did not start"
+            time.sleep(0.1)
+    except BaseException:
+        proc.terminate()  # its workers follow it (PR_SET_PDEATHSIG)
+        proc.communicate(timeout=20)
+        raise
+    return proc
+
+
 def generate(port: int, model: str = "placeholder") -> int:
     for _ in range(20):  # a connection refused while a worker is being replaced is retried
         try:
@@ -51,14 +67,9 @@ def group(tmp_path):
     port, ops = free_port(), free_port()
     config = tmp_path / "proxy.yaml"
     config.write_text(config_text(port, ops, tmp_path))
-    proc = subprocess.Popen([IMGPROXY, "serve", "--config", str(config), "--workers", "2"], cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_two_workers(config, port)
     try:
-        wait_for_port(port, proc)
         wait_for_port(ops, proc)
-        deadline = time.monotonic() + 20
-        while len(workers_of(proc.pid)) < 2:
-            assert time.monotonic() < deadline, "two workers did not start"
-            time.sleep(0.1)
         yield proc, port, ops, config
     finally:
         if proc.poll() is None:
@@ -146,13 +157,8 @@ images:
   store: s3
   s3: {{bucket: {BUCKET}, prefix: workers/, endpoint_url: "{endpoint}", region: us-east-1, urls: gateway}}
 """)
-    proc = subprocess.Popen([IMGPROXY, "serve", "--config", str(config), "--workers", "2"], cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_two_workers(config, port)
     try:
-        wait_for_port(port, proc)
-        deadline = time.monotonic() + 20
-        while len(workers_of(proc.pid)) < 2:
-            assert time.monotonic() < deadline, "two workers did not start"
-            time.sleep(0.1)
         answers = [
             http("POST", f"http://127.0.0.1:{port}/v1/images/generations", {"model": "placeholder", "prompt": f"w{i}", "size": "64x64", "response_format": "url"}, KEY)
             for i in range(20)
