@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from . import schemafiles
-from .catalog import Capabilities, capabilities_for
+from .catalog import Capabilities, builtin_catalog, capabilities_for, merged
 from .egress import BadEntry, EgressPolicy, policy_for
 from .stores.filesystem import default_directory
 
@@ -273,6 +273,7 @@ def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
         )
 
     models, public_names = {}, {}
+    models_known = builtin_catalog() if provider_types is None else merged(provider_types.values())
     for name, spec in raw["models"].items():
         if spec["provider"] not in providers:
             where = ["models", name, "provider"]
@@ -280,7 +281,7 @@ def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
         upstream = spec.get("upstream_model", name)
         catalog = spec.get("catalog", upstream)
         try:
-            caps = capabilities_for(catalog, spec.get("capabilities"))
+            caps = capabilities_for(catalog, spec.get("capabilities"), models_known)
         except (KeyError, TypeError) as exc:
             raise ConfigError(source, ["models", name, "capabilities"], f"incomplete for a model outside the catalog: {exc}") from None
         _check_capabilities(caps, source, ["models", name, "capabilities"])

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from .gateway import Gateway
-    from .routing import Route
+    from .routing import Route, Target
 
 
 @dataclass
@@ -101,12 +101,21 @@ def _counts(table: dict, names: tuple[str, ...]) -> bool:
 
 @dataclass
 class StreamedReply:
-    """An upstream answer to forward to the client as it arrives, without holding it whole."""
+    """An upstream answer to forward to the client as it arrives, without holding it whole.
+
+    It owns the upstream response from the moment the adapter returns it: `async with reply:`
+    releases it on the way out, whatever happens, and nothing else does."""
 
     response: "aiohttp.ClientResponse"
     content_type: str
     # Bytes the adapter already read from `response` to check it; sent first.
     first_chunk: bytes = b""
+
+    async def __aenter__(self) -> "StreamedReply":
+        return self
+
+    async def __aexit__(self, kind, exc, tb) -> None:
+        self.response.release()
 
 
 @dataclass
@@ -147,6 +156,8 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     body: dict | None = None
     route: "Route | None" = None
+    # Where the current (last) provider call goes: the route's own target unless a fallback took over.
+    target: "Target | None" = None
     request: ImageRequest | None = None
     identity: Identity | None = None
     outcome: Outcome = field(default_factory=Outcome)

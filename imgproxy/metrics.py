@@ -26,18 +26,6 @@ REFUSAL_REASONS = {
     "moderation_unavailable": "moderation_unavailable",
 }
 
-# Gateway error codes raised on the provider path, by the upstream error kind they count as.
-UPSTREAM_ERROR_KINDS = {
-    "upstream_timeout": "timeout",
-    "upstream_unavailable": "connect",
-    "upstream_error": "5xx",
-    "upstream_bad_response": "bad_body",
-    "upstream_auth_failed": "auth",
-    "upstream_quota_exceeded": "quota",
-    "upstream_model_not_found": "not_found",
-    "rate_limit_exceeded": "rate_limited",
-}
-
 # Why the HTTP parser refused a request (imgproxy.listener.parser_error_reason).
 PARSER_ERROR_REASONS = ("header_too_large", "invalid_header", "bad_method", "bad_request_line", "bad_url", "bad_body", "malformed")
 

@@ -9,11 +9,12 @@ import time
 
 from aiohttp import web
 
-from .errors import GatewayError, upstream_error
-from .forwarder import StreamTap, forward_stream
+from .errors import GatewayError, UpstreamError, upstream_error
 from .inline_images import AnswerCheck, valid_base64
 from .messages import Identity, ImagesResult, RequestContext
-from .metrics import UPSTREAM_ERROR_KINDS
+from .plan import plan_attempt
+from .relay import StreamTap, forward_stream
+from .upstream import UpstreamCall
 from .validation import check_capabilities, check_schema, read_json_body
 
 log = logging.getLogger("imgproxy.pipeline")
@@ -94,32 +95,33 @@ def requested_model(ctx: RequestContext) -> str:
 
 
 async def call_provider(ctx: RequestContext) -> web.StreamResponse:
-    provider = ctx.gateway.providers[ctx.route.provider.name]
-    outcome = ctx.outcome
+    # The core decides what it needs from this attempt (imgproxy.plan); the adapter only
+    # translates; the answer is relayed as it arrives or shaped by the rewrite hooks.
+    gateway, outcome = ctx.gateway, ctx.outcome
+    target = ctx.target = ctx.route
+    read_body = ctx.needs_body or target.model.name in gateway.body_needed
+    plan = plan_attempt(ctx.request, target, gateway.config.images, read_body)
+    call = UpstreamCall.for_request(ctx, target.model.timeout or target.provider.total_timeout)
     started = time.monotonic()
     try:
-        reply = await provider.generate(ctx, ctx.request)
+        reply = await gateway.providers[target.provider.name].generate(ctx.request, target, plan, call)
         if isinstance(reply, ImagesResult):
             outcome.upstream_seconds = time.monotonic() - started
             outcome.filtered = reply.filtered
-            await ctx.gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
+            await gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
             return images_response(ctx, reply)
-        if reply.content_type == "text/event-stream":
-            tap = StreamTap(sse=True)
-        else:  # relayed only as far as it is a valid answer to this request
-            tap = AnswerCheck(ctx.request.n, ctx.request.response_format)
-        try:
+        async with reply:  # the one place an upstream response handed over is released
+            if reply.content_type == "text/event-stream":
+                tap = StreamTap(sse=True)
+            else:  # relayed only as far as it is a valid answer to this request
+                tap = AnswerCheck(ctx.request.n, ctx.request.response_format)
             response = await forward_stream(ctx, reply, tap)
-        finally:
-            reply.response.release()
         outcome.upstream_seconds = time.monotonic() - started
-        if outcome.error_code:  # broken off after the status was sent
-            outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(outcome.error_code)
         outcome.images, outcome.usage = tap.images, tap.usage
         return response
     except GatewayError as error:
         if outcome.upstream_called:
-            outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(error.code)
+            outcome.upstream_error_kind = error.kind if isinstance(error, UpstreamError) else None
             outcome.upstream_seconds = time.monotonic() - started
         raise
 
@@ -134,7 +136,7 @@ def images_response(ctx: RequestContext, result: ImagesResult) -> web.Response:
                 type="server_error", code="internal_error",
             )
         if want == "b64_json" and not valid_base64(image.b64_json):
-            raise upstream_error(f"The provider '{ctx.route.provider.name}' returned an image that is not valid base64.", code="upstream_bad_response")
+            raise upstream_error(f"The provider '{ctx.target.provider.name}' returned an image that is not valid base64.")
     ctx.outcome.images, ctx.outcome.usage = len(result.images), result.usage
     body = json.dumps(result.to_json()).encode()
     ctx.outcome.bytes_sent = len(body)

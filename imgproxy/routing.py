@@ -9,9 +9,16 @@ from .errors import GatewayError
 
 
 @dataclass(frozen=True)
-class Route:
+class Target:
+    """One attempt's destination: a model and the provider that serves it."""
+
     model: ModelConfig
     provider: ProviderConfig
+
+
+@dataclass(frozen=True)
+class Route(Target):
+    """What a public model name resolves to: its own target first."""
 
 
 class RoutingTable:

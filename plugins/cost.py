@@ -37,29 +37,6 @@ from imgproxy.state import Pending, Reservation, StateUnavailable
 
 log = logging.getLogger("imgproxy.cost")
 
-# Published prices in USD (credits for Stability), per image by quality then size; "*" matches
-# anything. Token prices are USD per million tokens.
-BUILTIN_PRICES: dict[str, dict] = {
-    "dall-e-2": {"per_image": {"*": {"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.020}}},
-    "dall-e-3": {
-        "per_image": {
-            "standard": {"1024x1024": 0.040, "1792x1024": 0.080, "1024x1792": 0.080},
-            "hd": {"1024x1024": 0.080, "1792x1024": 0.120, "1024x1792": 0.120},
-        }
-    },
-    "gpt-image-1": {
-        "per_image": {
-            "low": {"1024x1024": 0.011, "1024x1536": 0.016, "1536x1024": 0.016},
-            "medium": {"1024x1024": 0.042, "1024x1536": 0.063, "1536x1024": 0.063},
-            "high": {"1024x1024": 0.167, "1024x1536": 0.25, "1536x1024": 0.25},
-        },
-        "per_million_tokens": {"text_input": 5.0, "image_input": 10.0, "output": 40.0},
-    },
-    # 30 diffusion steps (quality standard) and 50 (hd); one credit is `credit_usd`.
-    "stable-diffusion-xl-1024-v1-0": {"per_image_credits": {"standard": {"*": 0.2}, "hd": {"*": 0.33}}},
-    "placeholder": {"per_image": {"*": {"*": 0.0}}},
-}
-
 _table = {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}}}
 PRICE_SCHEMA = {
     "type": "object",
@@ -79,7 +56,7 @@ SECTION_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "prices": {"type": "object", "additionalProperties": PRICE_SCHEMA, "description": "By public model name or upstream model; replaces the built-in price."},
+        "prices": {"type": "object", "additionalProperties": PRICE_SCHEMA, "description": "By public model name or upstream model; replaces the provider's published price."},
         "credit_usd": {"type": "number", "exclusiveMinimum": 0, "description": "USD per provider credit (Stability: 0.01)."},
         "usage_log": {"type": "string", "description": "Where usage records go: `stdout`, a file path (appended), or empty for nowhere."},
     },
@@ -154,9 +131,11 @@ class CostPlugin:
         section = gateway.config.sections.get("cost", {})
         overrides = section.get("prices", {})
         credit = section.get("credit_usd", 0.01)
+        # The providers' published prices (their catalog entries), under the operator's overrides.
+        published = {name: entry.price for name, entry in gateway.catalog.items() if entry.price is not None}
         for model in gateway.config.models.values():
             spec = next(
-                (table.get(name) for table in (overrides, BUILTIN_PRICES) for name in (model.name, model.upstream_model, model.catalog) if name in table),
+                (table.get(name) for table in (overrides, published) for name in (model.name, model.upstream_model, model.catalog) if name in table),
                 None,
             )
             if spec is None:
@@ -166,6 +145,8 @@ class CostPlugin:
                 q: {s: credits * credit for s, credits in sizes.items()} for q, sizes in spec.get("per_image_credits", {}).items()
             }
             self.prices[model.name] = Price(per_image, spec.get("per_million_tokens"))
+            if spec.get("per_million_tokens"):
+                gateway.body_needed.add(model.name)  # token usage is in the body: read it before answering
         self._usage_target = section.get("usage_log", "")
 
     @hookimpl
@@ -188,10 +169,8 @@ class CostPlugin:
 
     @hookimpl
     async def imgproxy_check_limits(self, ctx):
-        request, price = ctx.request, self.prices[ctx.route.model.name]
+        request = ctx.request
         worst = self.worst(ctx, request.n)
-        if price.per_token and not request.stream:
-            ctx.needs_body = True  # token usage is in the body: read it before answering
         budget = ctx.identity.settings.get("budget", {})
         periods = spend_periods(ctx.identity.name, int(time.time() // 60))
         reservations = [Reservation(key, worst, budget.get(setting), ttl) for setting, key, ttl, _ in periods]

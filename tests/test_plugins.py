@@ -159,7 +159,7 @@ class EchoProvider(Provider):
     type = "echo"
     needs_key = False
 
-    async def generate(self, ctx, request):
+    async def generate(self, request, target, plan, call):
         images = [GeneratedImage(b64_json=base64.b64encode(PNG).decode(), revised_prompt=request.prompt.upper())]
         return ImagesResult(created=int(time.time()), images=images)
 
