@@ -18,6 +18,7 @@ from .limits import UpstreamBuffer
 from .metrics import MULTIPROCESS, Metrics
 from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
+from .resilience import Circuits
 from .routing import RoutingTable
 from .state import MemoryState, State
 from .state_guard import GuardedState
@@ -66,6 +67,9 @@ class Gateway:
         self.providers: dict[str, Provider] = {
             name: adapters[spec.type](spec, self.upstream) for name, spec in config.providers.items()
         }
+        # Per process: each worker's breakers learn from its own calls (docs/operations.md).
+        self.circuits = Circuits(self.metrics.circuit_changed)
+        self.metrics.prepare(config)
         self.store = build_store(config.images, self.metrics.store_operations)
         self.signer = UrlSigner(config.images.signing_key or self.shared.signing_key)
         self.in_flight = 0

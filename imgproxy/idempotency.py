@@ -81,7 +81,7 @@ class Idempotency:
             if time.monotonic() >= give_up:
                 raise GatewayError(
                     409, f"A request with this {HEADER} is still in progress; retry later.",
-                    code="request_in_progress", headers={"Retry-After": "1"},
+                    code="request_in_progress", headers={"Retry-After": "1"}, should_retry=True,
                 )
             await asyncio.sleep(POLL)
 

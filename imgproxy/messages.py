@@ -146,6 +146,10 @@ class Outcome:
     upstream_called: bool = False
     # Cut short after the provider was called (a shutdown's drain timeout): billed at the worst case.
     cut: bool = False
+    # Provider calls made (retries and fallbacks included), and those skipped for an open circuit.
+    attempts: int = 0
+    # The answer was complete but the client had hung up: recorded as 499, billed as delivered.
+    client_left: bool = False
 
 
 @dataclass

@@ -174,8 +174,8 @@ class CostPlugin:
         budget = ctx.identity.settings.get("budget", {})
         periods = spend_periods(ctx.identity.name, int(time.time() // 60))
         reservations = [Reservation(key, worst, budget.get(setting), ttl) for setting, key, ttl, _ in periods]
-        model = ctx.route.model
-        deadline = (model.timeout or ctx.route.provider.total_timeout) + ctx.gateway.config.state.recovery_margin
+        model = ctx.route.model  # all attempts, fallbacks included, end by the model's deadline
+        deadline = (model.deadline or model.timeout or ctx.route.provider.total_timeout) + ctx.gateway.config.state.recovery_margin
         pending = Pending(ctx.identity.name, os.urandom(12).hex(), self.pending_record(ctx, worst), deadline)
         failed = await ctx.gateway.state.reserve(reservations, pending)
         if failed is not None:
@@ -189,6 +189,18 @@ class CostPlugin:
                 code="insufficient_quota",
             )
         ctx.scratch["cost"] = {"reserved": worst, "keys": [(key, ttl) for _, key, ttl, _ in periods], "pending": pending}
+
+    @hookimpl
+    async def imgproxy_change_target(self, ctx, previous):
+        # The previous target produced nothing: release its reservation, reserve the fallback's.
+        scratch = ctx.scratch.pop("cost", None)
+        if scratch is None:
+            return
+        try:
+            await self.settle(ctx.gateway.state, scratch, 0.0, {})
+        except StateUnavailable:
+            self.unsettled.append((scratch, 0.0, None))  # the sweeper releases it
+        await self.imgproxy_check_limits(ctx)
 
     @hookimpl
     async def imgproxy_record_usage(self, ctx, outcome):
@@ -215,7 +227,7 @@ class CostPlugin:
     def worst(self, ctx, images: int) -> float:
         """The most `images` images of this request can cost: each at the highest price its
         quality and size allow, plus, for token-priced models, the prompt's tokens at worst."""
-        request, price = ctx.request, self.prices[ctx.route.model.name]
+        request, price = ctx.request, self.prices[ctx.target.model.name]
         cost = images * price.image(request.quality, request.size)
         if price.per_token:
             cost += len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
@@ -226,11 +238,12 @@ class CostPlugin:
         request's price, or the upstream's token usage for them, never more than their worst
         case; nothing else the upstream says changes the price. Refusals, failures and answers
         the upstream broke off (outcome.upstream_error_kind, even after a 200) cost nothing."""
-        failed = outcome.status != 200 or outcome.upstream_error_kind is not None
+        # A client that left once its answer was complete (499) was still delivered to.
+        failed = (outcome.status != 200 and not outcome.client_left) or outcome.upstream_error_kind is not None
         images = 0 if failed else min(outcome.images, ctx.request.n)
         if not images:
             return 0.0
-        price = self.prices[ctx.route.model.name]
+        price = self.prices[ctx.target.model.name]
         if price.per_token and valid_usage(outcome.usage):
             return min(price.tokens(outcome.usage), self.worst(ctx, images))
         return images * price.image(ctx.request.quality, ctx.request.size)
@@ -240,8 +253,10 @@ class CostPlugin:
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": ctx.request_id,
             "key": ctx.identity.name,
-            "model": ctx.route.model.name,
-            "provider": ctx.route.provider.name,
+            "model": ctx.target.model.name,  # the target that served (a fallback's when one did)
+            "provider": ctx.target.provider.name,
+            "requested_model": ctx.route.model.name,
+            "attempts": outcome.attempts,
             "n": ctx.request.n,
             "images": outcome.images,
             "size": ctx.request.size,
@@ -260,8 +275,8 @@ class CostPlugin:
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": ctx.request_id,
             "key": ctx.identity.name,
-            "model": ctx.route.model.name,
-            "provider": ctx.route.provider.name,
+            "model": ctx.target.model.name,
+            "provider": ctx.target.provider.name,
             "n": ctx.request.n,
             "size": ctx.request.size,
             "quality": ctx.request.quality,
@@ -311,12 +326,13 @@ class CostPlugin:
             except StateUnavailable:
                 break
             self.unsettled.pop(0)
-            self.write(record)
+            if record is not None:  # None: a released reservation, nothing to record
+                self.write(record)
         if last:
             # Shutting down with the state still away: reservations it holds are recovered by
             # another replica; the others would be lost, so they are written unsettled.
             for scratch, cost, record in self.unsettled:
-                if not scratch["pending"].stored:
+                if record is not None and not scratch["pending"].stored:
                     self.write({**record, "unsettled": True})
             self.unsettled.clear()
 
