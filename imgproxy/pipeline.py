@@ -41,7 +41,8 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
         await check_request(ctx)
         response = await call_provider(ctx)
         ctx.outcome.status = response.status
-        if ctx.outcome.error_code is None and (ctx.http.transport is None or ctx.http.transport.is_closing()):
+        transport = ctx.http.transport
+        if ctx.outcome.error_code is None and (transport is None or transport.is_closing()):
             # The client hung up while the image was generated: the provider billed it, the
             # record says 499 at the real cost, and an Idempotency-Key retry gets this answer.
             ctx.outcome.status, ctx.outcome.error_code, ctx.outcome.client_left = 499, "client_closed_request", True
@@ -157,8 +158,8 @@ async def attempt_target(ctx: RequestContext, target: Target, deadline: float, b
         attempt += 1
         headers = ctx.response_headers  # which target served (or failed last), on every answer
         headers["x-imgproxy-provider"], headers["x-imgproxy-model"] = provider, target.model.name
-        headers["x-imgproxy-attempts"] = str(outcome.attempts)
         if breaker is not None and not breaker.allow():
+            headers["x-imgproxy-attempts"] = str(outcome.attempts)
             metrics.child(metrics.upstream_attempts, provider, "circuit_open").inc()
             raise GatewayError(
                 503, f"The provider '{provider}' is failing and is not being called for now; try again later.",
@@ -170,8 +171,8 @@ async def attempt_target(ctx: RequestContext, target: Target, deadline: float, b
             # What is left of the deadline: all of it for the request's first call.
             left = budget if outcome.attempts == 1 else deadline - time.monotonic()
             response = await call_once(ctx, target, min(target.model.timeout or target.provider.total_timeout, left))
-        except BaseException as error:
-            if isinstance(error, asyncio.CancelledError):
+        except (asyncio.CancelledError, Exception) as error:
+            if not isinstance(error, GatewayError):  # cancelled, or our own fault: no verdict on the provider
                 if breaker is not None:
                     breaker.cancel_probe()
                 raise

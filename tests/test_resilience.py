@@ -8,6 +8,7 @@ Two FakeOpenAI instances (`openai` and `azure`, both serving dall-e-3) and FakeS
 import asyncio
 import json
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -149,6 +150,26 @@ async def test_an_ambiguous_failure_is_neither_retried_nor_passed_to_a_fallback(
     assert len(fake_openai.requests) == 1 and fake_azure.requests == [] and fake_stability.requests == []
     [record] = await records(tmp_path / "usage.jsonl")
     assert record["cost_usd"] == 0 and record["attempts"] == 1
+
+
+async def test_a_connection_reset_as_soon_as_it_is_made_counts_as_ambiguous(gateway, fake_azure, tmp_path):
+    """Whether the provider read the request before the reset cannot be known from here: the
+    failure is treated as one that may have generated (not retried, no fallback)."""
+
+    async def reset(reader, writer):
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client = await gateway(openai_url=f"http://127.0.0.1:{port}", retries={"attempts": 3, "backoff": 0.01}, model={"deadline": 10})
+        resp = await client.post(URL, json=DALLE3, headers=AUTH)
+        await assert_error(resp, 502, "upstream_bad_response")
+        assert resp.headers["x-should-retry"] == "false" and resp.headers["x-imgproxy-attempts"] == "1"
+        assert fake_azure.requests == []
+    finally:
+        server.close()
 
 
 async def test_retry_ambiguous_retries_a_timeout(gateway, fake_openai):
@@ -411,3 +432,50 @@ async def run_scenario(tmp_path: Path, primary: list[str], fallback: list[str]) 
 @given(primary=faults, fallback=faults)
 def test_no_fault_sequence_makes_two_billable_generations_or_bills_more_than_delivered(tmp_path, primary, fallback):
     asyncio.run(run_scenario(tmp_path, primary, fallback))
+
+
+# --- the translation table (docs/operations.md#fallbacks) ------------------------------------
+
+def test_translation_follows_the_documented_table():
+    from imgproxy.catalog import Capabilities, builtin_catalog
+    from imgproxy.messages import ImageRequest
+    from imgproxy.resilience import translate
+
+    caps = {name: Capabilities.from_dict(entry.capabilities) for name, entry in builtin_catalog().items()}
+    sdxl, gpt, dalle3 = caps["stable-diffusion-xl-1024-v1-0"], caps["gpt-image-1"], caps["dall-e-3"]
+
+    def ask(**fields):
+        return ImageRequest(**{"prompt": "x", "model": "dall-e-3", "n": 1, "size": "1024x1024", "response_format": "url", **fields})
+
+    portrait = translate(ask(size="1024x1792", quality="hd", style="vivid"), "sdxl", sdxl, "translate")
+    assert (portrait.model, portrait.size, portrait.quality, portrait.style) == ("sdxl", "768x1344", "hd", "vivid")
+    to_gpt = translate(ask(size="1792x1024", quality="hd", style="natural"), "gpt-image-1", gpt, "translate")
+    assert (to_gpt.size, to_gpt.quality, to_gpt.style) == ("1536x1024", "high", None)
+    for asked, got in (("medium", "standard"), ("low", "standard"), ("high", "hd"), ("auto", "standard")):
+        assert translate(ask(model="gpt-image-1", quality=asked), "dall-e-3", dalle3, "translate").quality == got, asked
+    assert translate(ask(model="gpt-image-1", size="auto", quality="auto"), "dall-e-3", dalle3, "translate").size == "1024x1024"
+    assert translate(ask(n=2), "dall-e-3", dalle3, "translate") is None  # n is never cut
+    assert translate(ask(size="1792x1024"), "sdxl", sdxl, "skip") is None
+    assert translate(ask(quality="hd"), "gpt-image-1", gpt, "skip") is None
+    assert translate(ask(quality="hd", style="vivid"), "sdxl", sdxl, "skip").size == "1024x1024"  # all honoured as given
+
+
+def test_a_per_model_circuit_opens_for_that_model_only():
+    from imgproxy.resilience import BreakerConfig, Circuits
+    from imgproxy.routing import Target
+
+    class Provider:
+        name, circuit_breaker = "openai", BreakerConfig(failure_rate=0.5, min_calls=2, cooldown=60, per_model=True)
+
+    class Model:
+        def __init__(self, name):
+            self.name = name
+
+    seen = []
+    circuits = Circuits(lambda provider, state: seen.append((provider, state)))
+    a, b = Target(Model("dall-e-2"), Provider()), Target(Model("dall-e-3"), Provider())
+    for _ in range(2):
+        assert circuits.for_target(a).allow()
+        circuits.for_target(a).record(True)
+    assert not circuits.for_target(a).allow() and circuits.for_target(b).allow()
+    assert seen == [("openai", "open")] and circuits.states() == {"openai/dall-e-2": "open", "openai/dall-e-3": "closed"}
