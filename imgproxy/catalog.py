@@ -1,13 +1,20 @@
-"""Published capabilities of the models imgproxy knows, so a config only names a provider.
+"""The generic machinery of model capabilities: what a model accepts, and the conservative
+default for a model nobody described.
 
-Each entry uses the same keys as a model's `capabilities:` block in proxy.yaml, which is
-merged over it key by key. Sources: OpenAI's Images API reference and Stability's v1 API.
+The models themselves come from the provider adapters: each adapter class carries its
+`models` (capabilities and prices, each with its source and date), read from a YAML file next
+to its module with `load_models`. A model's `capabilities:` block in proxy.yaml is merged
+over its entry key by key.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
+
+import yaml
 
 # Optional OpenAI parameters that only some models take; `prompt`, `model`, `n`, `size`,
 # `quality`, `style`, `response_format`, `user` and `moderation` are checked separately.
@@ -15,78 +22,50 @@ OPTIONAL_PARAMETERS = ("background", "output_format", "output_compression", "str
 # WIDTHxHEIGHT in ASCII digits, nothing before or after (int() would also take " 64", "64\n" or "٦٤").
 CUSTOM_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 
-SDXL_SIZES = (
-    "1024x1024", "1152x896", "1216x832", "1344x768", "1536x640",
-    "640x1536", "768x1344", "832x1216", "896x1152",
-)
 
-CATALOG: dict[str, dict] = {
-    "dall-e-2": {
-        "sizes": ["256x256", "512x512", "1024x1024"],
-        "default_size": "1024x1024",
-        "max_n": 10,
-        "qualities": ["standard"],
-        "default_quality": "standard",
-        "styles": [],
-        "max_prompt_length": 1000,
-        "default_response_format": "url",
-        "upstream_formats": ["url", "b64_json"],
-        "parameters": [],
-    },
-    "dall-e-3": {
-        "sizes": ["1024x1024", "1792x1024", "1024x1792"],
-        "default_size": "1024x1024",
-        "max_n": 1,
-        "qualities": ["standard", "hd"],
-        "default_quality": "standard",
-        "styles": ["vivid", "natural"],
-        "default_style": "vivid",
-        "max_prompt_length": 4000,
-        "default_response_format": "url",
-        "upstream_formats": ["url", "b64_json"],
-        "parameters": [],
-    },
-    "gpt-image-1": {
-        "sizes": ["auto", "1024x1024", "1536x1024", "1024x1536"],
-        "default_size": "auto",
-        "max_n": 10,
-        "qualities": ["auto", "low", "medium", "high"],
-        "default_quality": "auto",
-        "styles": [],
-        "max_prompt_length": 32000,
-        # OpenAI always returns base64 for GPT image models; SDK code written for them expects it.
-        "default_response_format": "b64_json",
-        "upstream_formats": ["b64_json"],
-        "parameters": list(OPTIONAL_PARAMETERS),
-        "upstream_moderation": True,
-    },
-    "stable-diffusion-xl-1024-v1-0": {
-        "sizes": list(SDXL_SIZES),
-        "default_size": "1024x1024",
-        "max_n": 10,
-        "qualities": ["standard", "hd"],
-        "default_quality": "standard",
-        "styles": ["vivid", "natural"],
-        "max_prompt_length": 2000,
-        "default_response_format": "url",
-        "upstream_formats": ["b64_json"],
-        "parameters": [],
-    },
-    "placeholder": {
-        "sizes": ["256x256", "512x512", "1024x1024", "1792x1024", "1024x1792"],
-        "custom_sizes": {"min": 64, "max": 2048, "multiple_of": 8},
-        "default_size": "1024x1024",
-        "max_n": 10,
-        "qualities": ["standard", "hd"],
-        "default_quality": "standard",
-        "styles": ["vivid", "natural"],
-        "default_style": "vivid",
-        "max_prompt_length": 32000,
-        "default_response_format": "url",
-        "upstream_formats": ["b64_json"],
-        "parameters": [],
-    },
-}
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model a provider package knows: its capabilities (the keys of a `capabilities:`
+    block) and its price (the keys of a `cost.prices` entry, or None), with where each came
+    from: (source, date)."""
+
+    capabilities: dict
+    price: dict | None
+    sources: dict
+
+
+def load_models(package: str, filename: str) -> dict[str, ModelEntry]:
+    """A provider package's catalog, from the YAML file `filename` next to its module: per
+    model name, `capabilities` and optionally `price`, each with a `source` and a `date`."""
+    raw = yaml.safe_load(resources.files(package.rpartition(".")[0]).joinpath(filename).read_text(encoding="utf-8"))
+    entries = {}
+    for name, spec in raw.items():
+        sources, parts = {}, {}
+        for part in ("capabilities", "price"):
+            block = dict(spec.get(part) or {})
+            if not block:
+                continue
+            source, date = block.pop("source", None), block.pop("date", None)
+            if not source or not date:
+                raise ValueError(f"{filename}: {name}.{part} needs a source and a date")
+            sources[part], parts[part] = (source, str(date)), block
+        entries[name] = ModelEntry(parts["capabilities"], parts.get("price"), sources)
+    return entries
+
+
+def merged(adapters: Iterable) -> dict[str, ModelEntry]:
+    """Every registered adapter's models, by name (a later adapter's entry wins)."""
+    catalog: dict[str, ModelEntry] = {}
+    for adapter in adapters:
+        catalog.update(getattr(adapter, "models", None) or {})
+    return catalog
+
+
+def builtin_catalog() -> dict[str, ModelEntry]:
+    from .providers import BUILTIN  # the adapters import this module
+
+    return merged(BUILTIN)
+
 
 # A model that is in neither the catalog nor given capabilities gets these: conservative,
 # so that an operator adding a new upstream model states what it can do.
@@ -161,6 +140,8 @@ class Capabilities:
         )
 
 
-def capabilities_for(catalog_name: str, overrides: dict | None) -> Capabilities:
-    base = CATALOG.get(catalog_name, GENERIC)
+def capabilities_for(catalog_name: str, overrides: dict | None, catalog: dict[str, ModelEntry] | None = None) -> Capabilities:
+    """`catalog`: the registered adapters' models (the built-in ones when None)."""
+    entry = (builtin_catalog() if catalog is None else catalog).get(catalog_name)
+    base = entry.capabilities if entry is not None else GENERIC
     return Capabilities.from_dict({**base, **(overrides or {})})

@@ -11,8 +11,9 @@ from urllib.parse import urlsplit
 import yaml
 
 from . import schemafiles
-from .catalog import Capabilities, capabilities_for
+from .catalog import Capabilities, builtin_catalog, capabilities_for, merged
 from .egress import BadEntry, EgressPolicy, policy_for
+from .resilience import BreakerConfig, RetryPolicy
 from .stores.filesystem import default_directory
 
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -75,6 +76,8 @@ class ProviderConfig:
     options: dict = field(default_factory=dict)
     # Where this provider's requests may go (base_url, image_hosts, allow_private_addresses).
     egress: EgressPolicy | None = None
+    retries: RetryPolicy = RetryPolicy()
+    circuit_breaker: BreakerConfig | None = None  # None: no circuit breaker
 
     def __post_init__(self) -> None:
         if self.egress is None:  # built in code, not read from a config: the default policy
@@ -90,6 +93,9 @@ class ModelConfig:
     capabilities: Capabilities
     timeout: float | None = None
     catalog: str = ""  # the built-in catalog entry it started from
+    fallbacks: tuple[str, ...] = ()  # public model names tried in order when this one cannot serve
+    fallback_strictness: str = "translate"  # translate | skip
+    deadline: float | None = None  # seconds for all attempts together; None: the first target's timeout
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,10 @@ class Config:
     sections: dict
     # Per dotted key path, the ${VAR}s its value came from (names only, never the values).
     refs: dict = field(default_factory=dict)
+
+    def model_named(self, public: str) -> ModelConfig:
+        """The model a public name or alias belongs to."""
+        return next(m for m in self.models.values() if public == m.name or public in m.aliases)
 
 
 def substitute_env(node, env, source: str, path: list, refs: dict):
@@ -275,9 +285,12 @@ def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
             image_hosts=tuple(spec.get("image_hosts", ())),
             options=spec.get("options", {}),
             egress=egress,
+            retries=RetryPolicy(**spec.get("retries", {})),
+            circuit_breaker=BreakerConfig(**spec["circuit_breaker"]) if "circuit_breaker" in spec else None,
         )
 
     models, public_names = {}, {}
+    models_known = builtin_catalog() if provider_types is None else merged(provider_types.values())
     for name, spec in raw["models"].items():
         if spec["provider"] not in providers:
             where = ["models", name, "provider"]
@@ -285,16 +298,28 @@ def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
         upstream = spec.get("upstream_model", name)
         catalog = spec.get("catalog", upstream)
         try:
-            caps = capabilities_for(catalog, spec.get("capabilities"))
+            caps = capabilities_for(catalog, spec.get("capabilities"), models_known)
         except (KeyError, TypeError) as exc:
             raise ConfigError(source, ["models", name, "capabilities"], f"incomplete for a model outside the catalog: {exc}") from None
         _check_capabilities(caps, source, ["models", name, "capabilities"])
-        model = ModelConfig(name, spec["provider"], upstream, tuple(spec.get("aliases", ())), caps, spec.get("timeout"), catalog)
+        model = ModelConfig(
+            name, spec["provider"], upstream, tuple(spec.get("aliases", ())), caps, spec.get("timeout"), catalog,
+            tuple(spec.get("fallbacks", ())), spec.get("fallback_strictness", "translate"), spec.get("deadline"),
+        )
         for public in (name, *model.aliases):
             if public in public_names:
                 raise ConfigError(source, ["models", name], f"name {_shown(public, ['models', name], refs)} is already used by model {public_names[public]!r}")
             public_names[public] = name
         models[name] = model
+
+    for name, model in models.items():
+        for index, fallback in enumerate(model.fallbacks):
+            where = ["models", name, "fallbacks", index]
+            # Only the image models of this file: a fallback is called the same way.
+            if fallback not in public_names:
+                raise ConfigError(source, where, f"no image model or alias named {_shown(fallback, where, refs)} under models")
+            if public_names[fallback] == name:
+                raise ConfigError(source, where, "a model cannot be its own fallback")
 
     default_model = raw.get("default_model")
     if default_model is not None and default_model not in public_names:

@@ -12,16 +12,18 @@ import pluggy
 import yaml
 
 from .config import Config, ConfigError, StateConfig, parse_config, read_config_file, without_values
-from .forwarder import Upstream
+from .catalog import merged
 from .idempotency import Idempotency
 from .limits import UpstreamBuffer
 from .metrics import MULTIPROCESS, Metrics
 from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
+from .resilience import Circuits
 from .routing import RoutingTable
 from .state import MemoryState, State
 from .state_guard import GuardedState
 from .stores import UnsafeStore, UrlSigner, build_store
+from .upstream import Upstream
 
 log = logging.getLogger("imgproxy.gateway")
 
@@ -56,10 +58,18 @@ class Gateway:
         self.pm = pm
         self.hooks = Hooks(pm)
         self.routing = RoutingTable(config)
+        # Every registered adapter's models (capabilities and published prices).
+        self.catalog = merged(adapters.values())
+        # Public names of models whose answers a plugin must read whole (token-priced metering):
+        # the planner never streams them through.
+        self.body_needed: set[str] = set()
         self.upstream = Upstream(spec.egress.addresses for spec in config.providers.values())
         self.providers: dict[str, Provider] = {
             name: adapters[spec.type](spec, self.upstream) for name, spec in config.providers.items()
         }
+        # Per process: each worker's breakers learn from its own calls (docs/operations.md).
+        self.circuits = Circuits(self.metrics.circuit_changed)
+        self.metrics.prepare(config)
         self.store = build_store(config.images, self.metrics.store_operations)
         self.signer = UrlSigner(config.images.signing_key or self.shared.signing_key)
         self.in_flight = 0

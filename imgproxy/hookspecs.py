@@ -15,6 +15,7 @@ Per request (after the body is parsed, schema-checked, routed and capability-che
   7. imgproxy_check_limits        – rate limits, budget reservations
   8. imgproxy_check_content       – content policy, moderation model (may cost money)
      … the provider adapter calls the upstream …
+     imgproxy_change_target      – before a fallback is called: move reservations to it
   9. imgproxy_rewrite_response    – shape the answer for the client
  10. imgproxy_record_usage        – account for what happened (always runs, also on failure)
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from .gateway import Gateway
     from .messages import Identity, ImagesResult, Outcome, RequestContext
     from .providers.base import Provider
+    from .routing import Target
 
 hookspec = pluggy.HookspecMarker("imgproxy")
 hookimpl = pluggy.HookimplMarker("imgproxy")
@@ -145,6 +147,15 @@ def imgproxy_check_content(ctx: RequestContext) -> MaybeAwaitable:
     """Check the request's content: local content-policy rules, then anything that costs money
     or leaves the process (a moderation model). Runs only for a caller within its limits.
     Every implementation runs; raise GatewayError to refuse."""
+
+
+@hookspec
+def imgproxy_change_target(ctx: RequestContext, previous: Target) -> MaybeAwaitable:
+    """The request moves to a fallback: `previous` (an `imgproxy.routing.Target`) failed
+    without producing anything, and `ctx.target` and `ctx.request` (translated for the
+    fallback's capabilities) are what will be called next. Release what check_limits reserved
+    for `previous` and reserve for the new target (its worst case); raise GatewayError to
+    refuse the fallback, which is then not called. Every implementation runs."""
 
 
 @hookspec

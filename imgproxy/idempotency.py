@@ -52,7 +52,8 @@ class Idempotency:
         key = f"idem:{{{ctx.identity.name}}}:{hashlib.sha256(given.encode()).hexdigest()}"
         body = hashlib.sha256(json.dumps(ctx.body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
         model = ctx.route.model
-        running_ttl = (model.timeout or ctx.route.provider.total_timeout) + MARGIN
+        # Retries and fallbacks run until the model's deadline: the mark must outlive them all.
+        running_ttl = (model.deadline or model.timeout or ctx.route.provider.total_timeout) + MARGIN
         mark = json.dumps({"state": "in_progress", "body": body}).encode()
         give_up = time.monotonic() + self.config.wait
         while True:
@@ -81,7 +82,7 @@ class Idempotency:
             if time.monotonic() >= give_up:
                 raise GatewayError(
                     409, f"A request with this {HEADER} is still in progress; retry later.",
-                    code="request_in_progress", headers={"Retry-After": "1"},
+                    code="request_in_progress", headers={"Retry-After": "1"}, should_retry=True,
                 )
             await asyncio.sleep(POLL)
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from .gateway import Gateway
-    from .routing import Route
+    from .routing import Route, Target
 
 
 @dataclass
@@ -101,12 +101,21 @@ def _counts(table: dict, names: tuple[str, ...]) -> bool:
 
 @dataclass
 class StreamedReply:
-    """An upstream answer to forward to the client as it arrives, without holding it whole."""
+    """An upstream answer to forward to the client as it arrives, without holding it whole.
+
+    It owns the upstream response from the moment the adapter returns it: `async with reply:`
+    releases it on the way out, whatever happens, and nothing else does."""
 
     response: "aiohttp.ClientResponse"
     content_type: str
     # Bytes the adapter already read from `response` to check it; sent first.
     first_chunk: bytes = b""
+
+    async def __aenter__(self) -> "StreamedReply":
+        return self
+
+    async def __aexit__(self, kind, exc, tb) -> None:
+        self.response.release()
 
 
 @dataclass
@@ -137,6 +146,10 @@ class Outcome:
     upstream_called: bool = False
     # Cut short after the provider was called (a shutdown's drain timeout): billed at the worst case.
     cut: bool = False
+    # Provider calls made (retries and fallbacks included), and those skipped for an open circuit.
+    attempts: int = 0
+    # The answer was complete but the client had hung up: recorded as 499, billed as delivered.
+    client_left: bool = False
 
 
 @dataclass
@@ -147,6 +160,8 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     body: dict | None = None
     route: "Route | None" = None
+    # Where the current (last) provider call goes: the route's own target unless a fallback took over.
+    target: "Target | None" = None
     request: ImageRequest | None = None
     identity: Identity | None = None
     outcome: Outcome = field(default_factory=Outcome)

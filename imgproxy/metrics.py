@@ -10,6 +10,12 @@ import platform
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from . import __version__
+from .errors import UPSTREAM_ERROR_KINDS
+from .resilience import STATES
+
+# How one provider call ended: an answer, a provider failure, a refusal (4xx, content policy),
+# or not made because the provider's circuit was open.
+ATTEMPT_OUTCOMES = ("success", "failure", "refusal", "circuit_open")
 
 # Image generation takes from a fraction of a second (placeholder, cached) to minutes.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120)
@@ -24,18 +30,6 @@ REFUSAL_REASONS = {
     "user_cooling_down": "user_cooling_down",
     "model_not_allowed": "model_not_allowed",
     "moderation_unavailable": "moderation_unavailable",
-}
-
-# Gateway error codes raised on the provider path, by the upstream error kind they count as.
-UPSTREAM_ERROR_KINDS = {
-    "upstream_timeout": "timeout",
-    "upstream_unavailable": "connect",
-    "upstream_error": "5xx",
-    "upstream_bad_response": "bad_body",
-    "upstream_auth_failed": "auth",
-    "upstream_quota_exceeded": "quota",
-    "upstream_model_not_found": "not_found",
-    "rate_limit_exceeded": "rate_limited",
 }
 
 # Why the HTTP parser refused a request (imgproxy.listener.parser_error_reason).
@@ -115,6 +109,16 @@ class Metrics:
             "imgproxy_upstream_buffer_refusals", "Requests answered 503 because the upstream byte budget was full, by stage.", ["stage"],
             registry=registry,
         )
+        self.upstream_attempts = Counter(
+            "imgproxy_upstream_attempts", "Provider calls (retries and fallbacks included), by outcome.", ["provider", "outcome"], registry=registry
+        )
+        self.fallbacks = Counter(
+            "imgproxy_fallbacks", "Requests a model passed on to one of its fallbacks.", ["from_model", "to_model"], registry=registry
+        )
+        self.circuit_state = Gauge(
+            "imgproxy_provider_circuit_state", "Circuit breaker of a provider: 0 closed, 1 open, 2 half-open (the worst of its models').",
+            ["provider"], registry=registry, multiprocess_mode="max",
+        )
         self.build_info.labels(__version__, platform.python_version()).set(1)
         for operation in ("put", "get", "sweep", "recreate", "evict"):
             for result in ("ok", "error"):
@@ -128,6 +132,22 @@ class Metrics:
         self.config_loaded.set_to_current_time()
         self._children: dict = {}
 
+    def prepare(self, config) -> None:
+        """Every series whose labels a config fixes, at zero, so dashboards and alerts read 0
+        rather than no data until the first failure."""
+        for provider in config.providers:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.labels(provider, kind)
+            for outcome in ATTEMPT_OUTCOMES:
+                self.upstream_attempts.labels(provider, outcome)
+            self.circuit_state.labels(provider).set(0)
+        for model in config.models.values():
+            for fallback in model.fallbacks:
+                self.fallbacks.labels(model.name, config.model_named(fallback).name)
+
+    def circuit_changed(self, provider: str, state: str) -> None:
+        self.circuit_state.labels(provider).set(STATES.index(state))
+
     def child(self, metric, *labels: str):
         """`metric.labels(*labels)`, remembered: label values are bounded, and `labels()` takes a
         lock and checks its arguments every time."""
@@ -138,8 +158,9 @@ class Metrics:
         return found
 
     def observe_request(self, ctx, status: int, seconds: float) -> None:
-        model = ctx.route.model.name if ctx.route else UNKNOWN
-        provider = ctx.route.provider.name if ctx.route else UNKNOWN
+        target = ctx.target or ctx.route  # the target that served, or failed last
+        model = target.model.name if target else UNKNOWN
+        provider = target.provider.name if target else UNKNOWN
         key = ctx.identity.name if ctx.identity else UNKNOWN
         outcome = ctx.outcome
         child = self.child

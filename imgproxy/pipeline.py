@@ -9,11 +9,14 @@ import time
 
 from aiohttp import web
 
-from .errors import GatewayError, upstream_error
-from .forwarder import StreamTap, forward_stream
+from .errors import GatewayError, UpstreamError, upstream_error
 from .inline_images import AnswerCheck, valid_base64
 from .messages import Identity, ImagesResult, RequestContext
-from .metrics import UPSTREAM_ERROR_KINDS
+from .plan import plan_attempt
+from .relay import StreamTap, forward_stream
+from .resilience import counts_as_failure, translate
+from .routing import Target
+from .upstream import UpstreamCall
 from .validation import check_capabilities, check_schema, read_json_body
 
 log = logging.getLogger("imgproxy.pipeline")
@@ -27,7 +30,7 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
     try:
         ctx.body = await read_json_body(ctx.http, ctx.gateway.config.server.max_body_bytes)
         check_schema(ctx.body)
-        ctx.route = ctx.gateway.routing.resolve(requested_model(ctx))
+        ctx.route = ctx.target = ctx.gateway.routing.resolve(requested_model(ctx))
         ctx.request = check_capabilities(ctx.body, ctx.route)
         # A retry with the same Idempotency-Key gets the first answer: no limits, no upstream call.
         replay = await ctx.gateway.idempotency.begin(ctx)
@@ -38,6 +41,11 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
         await check_request(ctx)
         response = await call_provider(ctx)
         ctx.outcome.status = response.status
+        transport = ctx.http.transport
+        if ctx.outcome.error_code is None and (transport is None or transport.is_closing()):
+            # The client hung up while the image was generated: the provider billed it, the
+            # record says 499 at the real cost, and an Idempotency-Key retry gets this answer.
+            ctx.outcome.status, ctx.outcome.error_code, ctx.outcome.client_left = 499, "client_closed_request", True
         return response
     except GatewayError as error:
         ctx.outcome.status, ctx.outcome.error_code = error.status, error.code
@@ -95,32 +103,128 @@ def requested_model(ctx: RequestContext) -> str:
 
 
 async def call_provider(ctx: RequestContext) -> web.StreamResponse:
-    provider = ctx.gateway.providers[ctx.route.provider.name]
-    outcome = ctx.outcome
+    # The model's own target, then its fallbacks, each tried (and retried) only while every
+    # failure so far surely produced nothing: a client never pays for two generations
+    # (imgproxy.resilience). One deadline covers them all.
+    route = ctx.route
+    budget = route.model.deadline or route.model.timeout or route.provider.total_timeout
+    deadline = time.monotonic() + budget
+    failure = None
+    for target, request in candidates(ctx):
+        if target is not route:
+            if isinstance(failure, UpstreamError):  # the request's last failure is counted with it
+                metrics = ctx.gateway.metrics
+                metrics.child(metrics.upstream_errors, ctx.target.provider.name, failure.kind).inc()
+            await change_target(ctx, target, request)
+        try:
+            return await attempt_target(ctx, target, deadline, budget)
+        except GatewayError as error:
+            if not (error.code == "provider_unavailable" or target.provider.retries.may_try_again(error)):
+                raise
+            failure = error
+        if time.monotonic() >= deadline:
+            break
+    raise failure
+
+
+def candidates(ctx: RequestContext):
+    """(target, request) for the route's own target, then each fallback that can serve the
+    request (translated or skipped per the model's fallback_strictness)."""
+    yield ctx.route, ctx.request
+    original = ctx.request
+    for target in ctx.route.fallbacks:
+        request = translate(original, target.model.name, target.model.capabilities, ctx.route.model.fallback_strictness)
+        if request is not None:
+            yield target, request
+
+
+async def change_target(ctx: RequestContext, target: Target, request) -> None:
+    # The budget follows the target actually called: the plugins release what they reserved
+    # for the previous one and reserve the fallback's worst case, or refuse it.
+    previous = ctx.target
+    ctx.target, ctx.request = target, request
+    ctx.gateway.metrics.child(ctx.gateway.metrics.fallbacks, ctx.route.model.name, target.model.name).inc()
+    log.info("request %s falls back from %s to %s", ctx.request_id, previous.model.name, target.model.name)
+    await ctx.gateway.hooks.call("imgproxy_change_target", ctx=ctx, previous=previous)
+
+
+async def attempt_target(ctx: RequestContext, target: Target, deadline: float, budget: float) -> web.StreamResponse:
+    """Call one target, again after a failure its provider's retry policy allows, while the
+    deadline leaves time for the wait and the call."""
+    gateway, outcome = ctx.gateway, ctx.outcome
+    policy, breaker, metrics = target.provider.retries, gateway.circuits.for_target(target), gateway.metrics
+    provider = target.provider.name
+    attempt = 0
+    while True:
+        attempt += 1
+        headers = ctx.response_headers  # which target served (or failed last), on every answer
+        headers["x-imgproxy-provider"], headers["x-imgproxy-model"] = provider, target.model.name
+        if breaker is not None and not breaker.allow():
+            headers["x-imgproxy-attempts"] = str(outcome.attempts)
+            metrics.child(metrics.upstream_attempts, provider, "circuit_open").inc()
+            raise GatewayError(
+                503, f"The provider '{provider}' is failing and is not being called for now; try again later.",
+                type="server_error", code="provider_unavailable", headers={"Retry-After": str(breaker.retry_after())},
+            )
+        outcome.attempts += 1
+        headers["x-imgproxy-attempts"] = str(outcome.attempts)
+        try:
+            # What is left of the deadline: all of it for the request's first call.
+            left = budget if outcome.attempts == 1 else deadline - time.monotonic()
+            response = await call_once(ctx, target, min(target.model.timeout or target.provider.total_timeout, left))
+        except (asyncio.CancelledError, Exception) as error:
+            if not isinstance(error, GatewayError):  # cancelled, or our own fault: no verdict on the provider
+                if breaker is not None:
+                    breaker.cancel_probe()
+                raise
+            failed = counts_as_failure(error)
+            if breaker is not None:
+                breaker.record(failed)
+            metrics.child(metrics.upstream_attempts, provider, "failure" if failed else "refusal").inc()
+            if not (policy.retryable(error) and attempt < policy.attempts):
+                raise
+            wait = policy.delay(attempt, error)
+            if time.monotonic() + wait >= deadline:
+                raise
+            metrics.child(metrics.upstream_errors, provider, error.kind).inc()  # the last one is counted with the request
+            log.info("request %s: %s failed (%s), again in %.2fs", ctx.request_id, provider, error.kind, wait)
+            await asyncio.sleep(wait)
+            continue
+        broken = outcome.upstream_error_kind is not None  # broken off after the status was sent
+        if breaker is not None:
+            breaker.record(broken)
+        metrics.child(metrics.upstream_attempts, provider, "failure" if broken else "success").inc()
+        return response
+
+
+async def call_once(ctx: RequestContext, target: Target, timeout: float) -> web.StreamResponse:
+    # The core decides what it needs from this attempt (imgproxy.plan); the adapter only
+    # translates; the answer is relayed as it arrives or shaped by the rewrite hooks.
+    gateway, outcome = ctx.gateway, ctx.outcome
+    outcome.upstream_error_kind = None
+    read_body = ctx.needs_body or target.model.name in gateway.body_needed
+    plan = plan_attempt(ctx.request, target, gateway.config.images, read_body)
+    call = UpstreamCall.for_request(ctx, timeout)
     started = time.monotonic()
     try:
-        reply = await provider.generate(ctx, ctx.request)
+        reply = await gateway.providers[target.provider.name].generate(ctx.request, target, plan, call)
         if isinstance(reply, ImagesResult):
             outcome.upstream_seconds = time.monotonic() - started
             outcome.filtered = reply.filtered
-            await ctx.gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
+            await gateway.hooks.each("imgproxy_rewrite_response", ctx=ctx, result=reply)
             return images_response(ctx, reply)
-        if reply.content_type == "text/event-stream":
-            tap = StreamTap(sse=True)
-        else:  # relayed only as far as it is a valid answer to this request
-            tap = AnswerCheck(ctx.request.n, ctx.request.response_format)
-        try:
+        async with reply:  # the one place an upstream response handed over is released
+            if reply.content_type == "text/event-stream":
+                tap = StreamTap(sse=True)
+            else:  # relayed only as far as it is a valid answer to this request
+                tap = AnswerCheck(ctx.request.n, ctx.request.response_format)
             response = await forward_stream(ctx, reply, tap)
-        finally:
-            reply.response.release()
         outcome.upstream_seconds = time.monotonic() - started
-        if outcome.error_code:  # broken off after the status was sent
-            outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(outcome.error_code)
         outcome.images, outcome.usage = tap.images, tap.usage
         return response
     except GatewayError as error:
         if outcome.upstream_called:
-            outcome.upstream_error_kind = UPSTREAM_ERROR_KINDS.get(error.code)
+            outcome.upstream_error_kind = error.kind if isinstance(error, UpstreamError) else None
             outcome.upstream_seconds = time.monotonic() - started
         raise
 
@@ -135,7 +239,7 @@ def images_response(ctx: RequestContext, result: ImagesResult) -> web.Response:
                 type="server_error", code="internal_error",
             )
         if want == "b64_json" and not valid_base64(image.b64_json):
-            raise upstream_error(f"The provider '{ctx.route.provider.name}' returned an image that is not valid base64.", code="upstream_bad_response")
+            raise upstream_error(f"The provider '{ctx.target.provider.name}' returned an image that is not valid base64.")
     ctx.outcome.images, ctx.outcome.usage = len(result.images), result.usage
     body = json.dumps(result.to_json()).encode()
     ctx.outcome.bytes_sent = len(body)

@@ -9,17 +9,30 @@ from .errors import GatewayError
 
 
 @dataclass(frozen=True)
-class Route:
+class Target:
+    """One attempt's destination: a model and the provider that serves it."""
+
     model: ModelConfig
     provider: ProviderConfig
+
+
+@dataclass(frozen=True)
+class Route(Target):
+    """What a public model name resolves to: its own target first, then its fallbacks."""
+
+    fallbacks: tuple[Target, ...] = ()
 
 
 class RoutingTable:
     def __init__(self, config: Config) -> None:
         self._by_name: dict[str, Route] = {}
         self._by_provider: dict[tuple[str, str], Route] = {}
+        targets = {}
         for model in config.models.values():
-            route = Route(model, config.providers[model.provider])
+            for name in (model.name, *model.aliases):
+                targets[name] = Target(model, config.providers[model.provider])
+        for model in config.models.values():
+            route = Route(model, config.providers[model.provider], tuple(targets[name] for name in model.fallbacks))
             for name in (model.name, *model.aliases):
                 self._by_name[name] = route
                 self._by_provider[(model.provider, name)] = route

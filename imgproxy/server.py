@@ -112,6 +112,8 @@ async def serve_request(request: web.Request, handler):
             response = error_response(request, exc)
         status = response.status
         ctx = request.get(CONTEXT)
+        if ctx is not None and ctx.outcome.client_left:
+            status = 499  # answered, but nobody was there to read it (the record says so too)
         if not response.prepared:  # a streamed answer was stamped before its first byte
             if ctx is not None:
                 ctx.stamp(response)
@@ -141,8 +143,10 @@ def access_fields(request: web.Request, ctx: RequestContext | None, status: int,
     outcome = ctx.outcome
     fields.update(
         key=ctx.identity.name if ctx.identity else None,
-        model=ctx.route.model.name if ctx.route else None,
-        provider=ctx.route.provider.name if ctx.route else None,
+        # The target that served (or failed last): a fallback's when one took over.
+        model=ctx.target.model.name if ctx.target else None,
+        provider=ctx.target.provider.name if ctx.target else None,
+        attempts=outcome.attempts,
         n=ctx.request.n if ctx.request else None,
         images=outcome.images,
         upstream_seconds=round(outcome.upstream_seconds, 4) if outcome.upstream_seconds is not None else None,
@@ -252,7 +256,12 @@ async def readyz(request: web.Request) -> web.Response:
         "shutting_down": runtime.shutting_down,
     }
     ready = checks["image_store"] and checks["state"] and not runtime.shutting_down
-    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503)
+    answer = {"status": "ready" if ready else "not ready", "checks": checks}
+    if "verbose" in request.query:
+        # Shown, never judged: an open circuit sends requests to fallbacks, it does not make
+        # this replica unready (that would take every replica out during a provider outage).
+        answer["circuits"] = runtime.gateway.circuits.states()
+    return web.json_response(answer, status=200 if ready else 503)
 
 
 async def get_metrics(request: web.Request) -> web.Response:

@@ -37,29 +37,6 @@ from imgproxy.state import Pending, Reservation, StateUnavailable
 
 log = logging.getLogger("imgproxy.cost")
 
-# Published prices in USD (credits for Stability), per image by quality then size; "*" matches
-# anything. Token prices are USD per million tokens.
-BUILTIN_PRICES: dict[str, dict] = {
-    "dall-e-2": {"per_image": {"*": {"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.020}}},
-    "dall-e-3": {
-        "per_image": {
-            "standard": {"1024x1024": 0.040, "1792x1024": 0.080, "1024x1792": 0.080},
-            "hd": {"1024x1024": 0.080, "1792x1024": 0.120, "1024x1792": 0.120},
-        }
-    },
-    "gpt-image-1": {
-        "per_image": {
-            "low": {"1024x1024": 0.011, "1024x1536": 0.016, "1536x1024": 0.016},
-            "medium": {"1024x1024": 0.042, "1024x1536": 0.063, "1536x1024": 0.063},
-            "high": {"1024x1024": 0.167, "1024x1536": 0.25, "1536x1024": 0.25},
-        },
-        "per_million_tokens": {"text_input": 5.0, "image_input": 10.0, "output": 40.0},
-    },
-    # 30 diffusion steps (quality standard) and 50 (hd); one credit is `credit_usd`.
-    "stable-diffusion-xl-1024-v1-0": {"per_image_credits": {"standard": {"*": 0.2}, "hd": {"*": 0.33}}},
-    "placeholder": {"per_image": {"*": {"*": 0.0}}},
-}
-
 _table = {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}}}
 PRICE_SCHEMA = {
     "type": "object",
@@ -79,7 +56,7 @@ SECTION_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "prices": {"type": "object", "additionalProperties": PRICE_SCHEMA, "description": "By public model name or upstream model; replaces the built-in price."},
+        "prices": {"type": "object", "additionalProperties": PRICE_SCHEMA, "description": "By public model name or upstream model; replaces the provider's published price."},
         "credit_usd": {"type": "number", "exclusiveMinimum": 0, "description": "USD per provider credit (Stability: 0.01)."},
         "usage_log": {"type": "string", "description": "Where usage records go: `stdout`, a file path (appended), or empty for nowhere."},
     },
@@ -154,9 +131,11 @@ class CostPlugin:
         section = gateway.config.sections.get("cost", {})
         overrides = section.get("prices", {})
         credit = section.get("credit_usd", 0.01)
+        # The providers' published prices (their catalog entries), under the operator's overrides.
+        published = {name: entry.price for name, entry in gateway.catalog.items() if entry.price is not None}
         for model in gateway.config.models.values():
             spec = next(
-                (table.get(name) for table in (overrides, BUILTIN_PRICES) for name in (model.name, model.upstream_model, model.catalog) if name in table),
+                (table.get(name) for table in (overrides, published) for name in (model.name, model.upstream_model, model.catalog) if name in table),
                 None,
             )
             if spec is None:
@@ -166,6 +145,8 @@ class CostPlugin:
                 q: {s: credits * credit for s, credits in sizes.items()} for q, sizes in spec.get("per_image_credits", {}).items()
             }
             self.prices[model.name] = Price(per_image, spec.get("per_million_tokens"))
+            if spec.get("per_million_tokens"):
+                gateway.body_needed.add(model.name)  # token usage is in the body: read it before answering
         self._usage_target = section.get("usage_log", "")
 
     @hookimpl
@@ -188,15 +169,13 @@ class CostPlugin:
 
     @hookimpl
     async def imgproxy_check_limits(self, ctx):
-        request, price = ctx.request, self.prices[ctx.route.model.name]
+        request = ctx.request
         worst = self.worst(ctx, request.n)
-        if price.per_token and not request.stream:
-            ctx.needs_body = True  # token usage is in the body: read it before answering
         budget = ctx.identity.settings.get("budget", {})
         periods = spend_periods(ctx.identity.name, int(time.time() // 60))
         reservations = [Reservation(key, worst, budget.get(setting), ttl) for setting, key, ttl, _ in periods]
-        model = ctx.route.model
-        deadline = (model.timeout or ctx.route.provider.total_timeout) + ctx.gateway.config.state.recovery_margin
+        model = ctx.route.model  # all attempts, fallbacks included, end by the model's deadline
+        deadline = (model.deadline or model.timeout or ctx.route.provider.total_timeout) + ctx.gateway.config.state.recovery_margin
         pending = Pending(ctx.identity.name, os.urandom(12).hex(), self.pending_record(ctx, worst), deadline)
         failed = await ctx.gateway.state.reserve(reservations, pending)
         if failed is not None:
@@ -210,6 +189,18 @@ class CostPlugin:
                 code="insufficient_quota",
             )
         ctx.scratch["cost"] = {"reserved": worst, "keys": [(key, ttl) for _, key, ttl, _ in periods], "pending": pending}
+
+    @hookimpl
+    async def imgproxy_change_target(self, ctx, previous):
+        # The previous target produced nothing: release its reservation, reserve the fallback's.
+        scratch = ctx.scratch.pop("cost", None)
+        if scratch is None:
+            return
+        try:
+            await self.settle(ctx.gateway.state, scratch, 0.0, {})
+        except StateUnavailable:
+            self.unsettled.append((scratch, 0.0, None))  # the sweeper releases it
+        await self.imgproxy_check_limits(ctx)
 
     @hookimpl
     async def imgproxy_record_usage(self, ctx, outcome):
@@ -236,7 +227,7 @@ class CostPlugin:
     def worst(self, ctx, images: int) -> float:
         """The most `images` images of this request can cost: each at the highest price its
         quality and size allow, plus, for token-priced models, the prompt's tokens at worst."""
-        request, price = ctx.request, self.prices[ctx.route.model.name]
+        request, price = ctx.request, self.prices[ctx.target.model.name]
         cost = images * price.image(request.quality, request.size)
         if price.per_token:
             cost += len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
@@ -247,11 +238,12 @@ class CostPlugin:
         request's price, or the upstream's token usage for them, never more than their worst
         case; nothing else the upstream says changes the price. Refusals, failures and answers
         the upstream broke off (outcome.upstream_error_kind, even after a 200) cost nothing."""
-        failed = outcome.status != 200 or outcome.upstream_error_kind is not None
+        # A client that left once its answer was complete (499) was still delivered to.
+        failed = (outcome.status != 200 and not outcome.client_left) or outcome.upstream_error_kind is not None
         images = 0 if failed else min(outcome.images, ctx.request.n)
         if not images:
             return 0.0
-        price = self.prices[ctx.route.model.name]
+        price = self.prices[ctx.target.model.name]
         if price.per_token and valid_usage(outcome.usage):
             return min(price.tokens(outcome.usage), self.worst(ctx, images))
         return images * price.image(ctx.request.quality, ctx.request.size)
@@ -261,8 +253,10 @@ class CostPlugin:
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": ctx.request_id,
             "key": ctx.identity.name,
-            "model": ctx.route.model.name,
-            "provider": ctx.route.provider.name,
+            "model": ctx.target.model.name,  # the target that served (a fallback's when one did)
+            "provider": ctx.target.provider.name,
+            "requested_model": ctx.route.model.name,
+            "attempts": outcome.attempts,
             "n": ctx.request.n,
             "images": outcome.images,
             "size": ctx.request.size,
@@ -281,8 +275,8 @@ class CostPlugin:
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": ctx.request_id,
             "key": ctx.identity.name,
-            "model": ctx.route.model.name,
-            "provider": ctx.route.provider.name,
+            "model": ctx.target.model.name,
+            "provider": ctx.target.provider.name,
             "n": ctx.request.n,
             "size": ctx.request.size,
             "quality": ctx.request.quality,
@@ -332,12 +326,13 @@ class CostPlugin:
             except StateUnavailable:
                 break
             self.unsettled.pop(0)
-            self.write(record)
+            if record is not None:  # None: a released reservation, nothing to record
+                self.write(record)
         if last:
             # Shutting down with the state still away: reservations it holds are recovered by
             # another replica; the others would be lost, so they are written unsettled.
             for scratch, cost, record in self.unsettled:
-                if not scratch["pending"].stored:
+                if record is not None and not scratch["pending"].stored:
                     self.write({**record, "unsettled": True})
             self.unsettled.clear()
 

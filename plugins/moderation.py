@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from imgproxy.config import ConfigError
 from imgproxy.errors import GatewayError
 from imgproxy.hookspecs import hookimpl
+from imgproxy.upstream import UpstreamCall
 
 log = logging.getLogger("imgproxy.moderation")
 
@@ -205,7 +206,7 @@ class ModerationPlugin:
         provider = spec["provider"]
         try:
             async with ctx.gateway.upstream.request(
-                ctx,
+                UpstreamCall.for_request(ctx, spec["timeout"]),
                 provider,
                 "POST",
                 f"{provider.base_url}/moderations",

@@ -60,6 +60,7 @@ class RateLimitPlugin:
                     f"the API key '{ctx.identity.name}' may use; ask for fewer.",
                     type="requests",
                     code="rate_limit_exceeded",
+                    should_retry=False,  # larger than the allowance: waiting cannot help
                 )
             wait = max(1, math.ceil(decision.retry_after))
             raise GatewayError(

@@ -17,6 +17,7 @@ from imgproxy.errors import GatewayError, upstream_error
 from imgproxy.hookspecs import hookimpl
 from imgproxy.messages import GeneratedImage, RequestContext
 from imgproxy.stores import StoreUnavailable
+from imgproxy.upstream import UpstreamCall
 
 FETCH_TIMEOUT = 60.0
 
@@ -49,7 +50,7 @@ class RewritePlugin:
             try:
                 data = base64.b64decode(image.b64_json, validate=True)
             except binascii.Error:
-                raise upstream_error("The provider returned an image that is not valid base64.", code="upstream_bad_response") from None
+                raise upstream_error("The provider returned an image that is not valid base64.") from None
         elif images.upstream_urls == "rehost":
             data, image.content_type = await self._fetch(ctx, image.url)
         else:
@@ -70,7 +71,7 @@ class RewritePlugin:
 
     async def _fetch(self, ctx: RequestContext, url: str) -> tuple[bytes, str]:
         return await ctx.gateway.upstream.fetch_image(
-            ctx, ctx.route.provider, url, max_bytes=ctx.gateway.config.images.max_image_bytes, timeout=FETCH_TIMEOUT
+            UpstreamCall.for_request(ctx, FETCH_TIMEOUT), ctx.target.provider, url, max_bytes=ctx.gateway.config.images.max_image_bytes, timeout=FETCH_TIMEOUT
         )
 
     async def _host(self, ctx: RequestContext, data: bytes, content_type: str) -> str:

@@ -69,6 +69,7 @@ class Cue:
     content_type: str = "application/json"
     delay: float = 0.0
     cut: bool = False  # promise a long body, send a little, drop the connection
+    reset: bool = False  # read the request, then drop the connection without a word
     headers: dict = field(default_factory=dict)
 
 
@@ -105,6 +106,9 @@ class FakeUpstream:
             return None
         cue = self.cues.pop(0)
         await asyncio.sleep(cue.delay)
+        if cue.reset:
+            request.transport.abort()
+            return web.Response()  # never sent: the connection is gone
         if cue.cut:
             resp = web.StreamResponse(status=cue.status, headers={"Content-Type": cue.content_type})
             resp.content_length = 100_000

@@ -159,7 +159,7 @@ class EchoProvider(Provider):
     type = "echo"
     needs_key = False
 
-    async def generate(self, ctx, request):
+    async def generate(self, request, target, plan, call):
         images = [GeneratedImage(b64_json=base64.b64encode(PNG).decode(), revised_prompt=request.prompt.upper())]
         return ImagesResult(created=int(time.time()), images=images)
 
@@ -261,7 +261,7 @@ def test_every_hook_is_documented_and_tested():
     docs = (REPO / "docs" / "plugins.md").read_text()
     tests = "".join(path.read_text() for path in (REPO / "tests").glob("test_*.py"))
     names = [name for name in dir(hookspecs) if name.startswith("imgproxy_")]
-    assert len(names) == 13  # imgproxy_authorize_model added for GET /v1/models
+    assert len(names) == 14  # with imgproxy_authorize_model (GET /v1/models) and imgproxy_change_target (fallbacks)
     for name in names:
         assert f"`{name}" in docs, f"{name} is not documented in docs/plugins.md"
         assert f"def {name}(" in tests or f"def {name}(" in PLUGIN_SOURCE, f"no test implements {name}"

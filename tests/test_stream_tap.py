@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from imgproxy.forwarder import StreamTap
+from imgproxy.relay import StreamTap
 
 BODY = json.dumps({
     "created": 1,

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, ClassVar
 from .. import schemafiles
 from ..config import ProviderConfig
 from ..errors import GatewayError, upstream_error
-from ..messages import ImageRequest, ImagesResult, RequestContext, StreamedReply
+from ..messages import ImageRequest, ImagesResult, StreamedReply
 from ..redaction import redact
 
 if TYPE_CHECKING:
-    from ..forwarder import Upstream
+    from ..plan import Plan
+    from ..routing import Target
+    from ..upstream import Upstream, UpstreamCall
 
 log = logging.getLogger("imgproxy.upstream")
 
@@ -30,42 +32,49 @@ def request_param(value) -> str | None:
 class Provider:
     """Translates an ImageRequest into one upstream's wire format and its answer back.
 
-    `generate` returns an ImagesResult (parsed) or a StreamedReply (forwarded as it arrives,
-    when the answer is already in the OpenAI shape the client asked for and
-    `ctx.needs_body` is false). It raises GatewayError for every failure.
+    `generate(request, target, plan, call)` gets the validated request, the target (model and
+    provider config of this attempt), the core's `Plan` (format to ask for, whether the answer
+    may stream through, whether to decode base64 while reading) and the attempt's
+    `UpstreamCall`. It returns an ImagesResult (parsed) or, when `plan.stream_through` allows,
+    a StreamedReply that owns the upstream response. It raises GatewayError for every
+    failure; UpstreamError (imgproxy.errors) when the provider failed.
+
+    `models` is the adapter's catalog: per model its capabilities and price, each with its
+    source and date (see `imgproxy.catalog.load_models`).
     """
 
     type: ClassVar[str]
     needs_key: ClassVar[bool] = True
+    models: ClassVar[dict] = {}
 
     def __init__(self, config: ProviderConfig, upstream: "Upstream") -> None:
         self.config = config
         self.upstream = upstream
 
-    async def generate(self, ctx: RequestContext, request: ImageRequest) -> ImagesResult | StreamedReply:
+    async def generate(
+        self, request: ImageRequest, target: "Target", plan: "Plan", call: "UpstreamCall"
+    ) -> ImagesResult | StreamedReply:
         raise NotImplementedError
 
-    def upstream_error_for_status(self, status: int) -> GatewayError:
-        """The error for an upstream status the adapter has no better reading of."""
+    def upstream_error_for_status(self, status: int, error_body: bool = False) -> GatewayError:
+        """The error for an upstream status the adapter has no better reading of. `error_body`:
+        the provider said, in its own error format, that it failed (so it generated nothing)."""
         if status in (401, 403):
             return self.credentials_rejected(status)
         if status == 404:
             return upstream_error(
                 f"The provider '{self.config.name}' does not know the model it was asked for; check upstream_model.",
-                code="upstream_model_not_found",
+                code="upstream_model_not_found", kind="not_found", produced_nothing=True,
             )
         log.warning("provider %s answered HTTP %s", self.config.name, status)
-        return upstream_error(f"The provider '{self.config.name}' failed with HTTP {status}.")
-
-    def timeout(self, ctx: RequestContext) -> float:
-        return ctx.route.model.timeout or self.config.total_timeout
-
-    def can_stream_through(self, ctx: RequestContext, upstream_format: str) -> bool:
-        """Whether an OpenAI-shaped answer in `upstream_format` can go to the client unchanged."""
-        wanted = ctx.request.response_format
-        if ctx.needs_body or upstream_format != wanted:
-            return False
-        return wanted == "b64_json" or ctx.gateway.config.images.upstream_urls == "passthrough"
+        if status == 408:
+            kind = "timeout"
+        else:
+            kind = "5xx" if status >= 500 else "4xx"
+        return upstream_error(
+            f"The provider '{self.config.name}' failed with HTTP {status}.", code="upstream_error", kind=kind,
+            produced_nothing=status == 408 or (status >= 500 and error_body),
+        )
 
     def require_key(self, model: str) -> str:
         if self.config.api_key:
@@ -103,5 +112,5 @@ class Provider:
         )
         return upstream_error(
             f"The provider '{self.config.name}' rejected this gateway's credentials; the operator has been told.",
-            code="upstream_auth_failed",
+            code="upstream_auth_failed", kind="auth", produced_nothing=True,
         )

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 
-from ..errors import GatewayError, upstream_error
+from ..catalog import load_models
+from ..errors import GatewayError, UpstreamError, upstream_error
 from ..inline_images import RESPONSE_ENUMS, valid_usage
-from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext, StreamedReply
+from ..messages import GeneratedImage, ImageRequest, ImagesResult, StreamedReply
+from ..plan import Plan
+from ..routing import Target
+from ..upstream import UpstreamCall
 from .base import Provider, log, request_param
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -17,40 +21,39 @@ RETRY_AFTER = re.compile(r"\d{1,9}|[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2
 
 class OpenAIProvider(Provider):
     type = "openai"
+    models = load_models(__name__, "openai.yaml")
 
-    async def generate(self, ctx: RequestContext, request: ImageRequest) -> ImagesResult | StreamedReply:
+    async def generate(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult | StreamedReply:
         key = self.require_key(request.model)
-        upstream_format = self.upstream_format(ctx, request)
         url = f"{self.config.base_url}/images/generations"
         resp = await self.upstream.send(
-            ctx,
+            call,
             self.config,
             "POST",
             url,
-            timeout=self.timeout(ctx),
-            json=self.build_body(ctx, request, upstream_format),
+            json=self.build_body(request, target, plan.upstream_format),
             headers={"Authorization": f"Bearer {key}"},
         )
         try:
-            return await self.answer(ctx, request, resp, upstream_format)
+            return await self.answer(request, plan, resp)
         except BaseException:
             resp.release()
             raise
 
-    async def answer(self, ctx: RequestContext, request: ImageRequest, resp, upstream_format: str) -> ImagesResult | StreamedReply:
+    async def answer(self, request: ImageRequest, plan: Plan, resp) -> ImagesResult | StreamedReply:
         if resp.status != 200:
             raise self.map_error(resp.status, await self.upstream.read_json(resp, self.config) if _is_json(resp) else {}, resp)
         if request.stream:
             if resp.content_type != "text/event-stream":
-                raise upstream_error(f"The provider '{self.config.name}' did not answer with an event stream.", code="upstream_bad_response")
+                raise upstream_error(f"The provider '{self.config.name}' did not answer with an event stream.")
             return StreamedReply(resp, "text/event-stream")
-        if self.can_stream_through(ctx, upstream_format) and _is_json(resp):
+        if plan.stream_through and _is_json(resp):
             # Peek before the client's status is fixed: garbage must still become a 502.
             first = await self.upstream.first_chunk(resp, self.config)
             if not first.lstrip().startswith(b"{"):
-                raise upstream_error(f"The provider '{self.config.name}' returned an answer that is not a JSON object.", code="upstream_bad_response")
+                raise upstream_error(f"The provider '{self.config.name}' returned an answer that is not a JSON object.")
             return StreamedReply(resp, "application/json", first)
-        if request.response_format == "url" and upstream_format == "b64_json":
+        if plan.decode_inline:
             # The images will be hosted: decode them as they arrive rather than hold the answer.
             body, decoded = await self.upstream.read_inline_images(resp, self.config, keep=request.n)
             resp.release()
@@ -59,19 +62,9 @@ class OpenAIProvider(Provider):
         resp.release()
         return self.parse(body, request)
 
-    def upstream_format(self, ctx: RequestContext, request: ImageRequest) -> str | None:
-        """What to ask the upstream for: the client's format when the upstream has it, except that
-        an image the gateway will host anyway is best fetched inline (no second download)."""
-        formats = ctx.route.model.capabilities.upstream_formats
-        if len(formats) == 1:
-            return formats[0]
-        if request.response_format == "url" and ctx.gateway.config.images.upstream_urls == "rehost":
-            return "b64_json"
-        return request.response_format
-
-    def build_body(self, ctx: RequestContext, request: ImageRequest, upstream_format: str) -> dict:
-        caps = ctx.route.model.capabilities
-        body = {"model": ctx.route.model.upstream_model, "prompt": request.prompt, "n": request.n, "size": request.size}
+    def build_body(self, request: ImageRequest, target: Target, upstream_format: str | None) -> dict:
+        caps = target.model.capabilities
+        body = {"model": target.model.upstream_model, "prompt": request.prompt, "n": request.n, "size": request.size}
         if request.quality is not None:
             body["quality"] = request.quality
         if request.style is not None:
@@ -91,9 +84,9 @@ class OpenAIProvider(Provider):
         paid for. Fields outside the ImagesResponse shape are left out."""
         data = body.get("data")
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-            raise upstream_error(f"The provider '{self.config.name}' returned no image list.", code="upstream_bad_response")
+            raise upstream_error(f"The provider '{self.config.name}' returned no image list.")
         if decoded is not None and len(decoded) != sum(isinstance(item.get("b64_json"), str) for item in data):
-            raise upstream_error(f"The provider '{self.config.name}' returned images outside its image list.", code="upstream_bad_response")
+            raise upstream_error(f"The provider '{self.config.name}' returned images outside its image list.")
         if len(data) > request.n:
             log.warning("provider %s returned %d images where %d were asked for: the rest dropped", self.config.name, len(data), request.n)
             data = data[: request.n]
@@ -104,7 +97,7 @@ class OpenAIProvider(Provider):
         for item in data:
             b64, url, revised = item.get("b64_json"), item.get("url"), item.get("revised_prompt")
             if not (isinstance(b64, str) or isinstance(url, str)):
-                raise upstream_error(f"The provider '{self.config.name}' returned an image without data.", code="upstream_bad_response")
+                raise upstream_error(f"The provider '{self.config.name}' returned an image without data.")
             image = GeneratedImage(b64_json=b64, url=url, revised_prompt=revised if isinstance(revised, str) else None, content_type=content_type)
             if decoded is not None and isinstance(b64, str):
                 image.data, image.b64_json = next(inline), None
@@ -129,16 +122,18 @@ class OpenAIProvider(Provider):
             return GatewayError(400, message, type=kind or "invalid_request_error", code=code or "content_policy_violation")
         if status == 429 and code == "insufficient_quota":
             log.error("provider %s reports its account is out of quota", self.config.name)
-            return upstream_error(f"The provider '{self.config.name}' account has no quota left.", code="upstream_quota_exceeded")
+            return upstream_error(
+                f"The provider '{self.config.name}' account has no quota left.", code="upstream_quota_exceeded", kind="quota", produced_nothing=True
+            )
         if status == 429:
             retry = resp.headers.get("Retry-After")
-            return GatewayError(
-                429, message, type=kind or "requests", code=code or "rate_limit_exceeded",
+            return UpstreamError(
+                429, message, type=kind or "requests", code=code or "rate_limit_exceeded", kind="rate_limited", produced_nothing=True,
                 headers={"Retry-After": retry} if retry and RETRY_AFTER.fullmatch(retry) else None,
             )
         if status in (400, 422):
             return GatewayError(400, message, type=kind or "invalid_request_error", code=code, param=request_param(error.get("param")))
-        return self.upstream_error_for_status(status)
+        return self.upstream_error_for_status(status, error_body=bool(error))
 
 
 def _numbers(usage: dict) -> dict:

@@ -14,7 +14,8 @@ import struct
 import time
 import zlib
 
-from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext
+from ..catalog import load_models
+from ..messages import GeneratedImage, ImageRequest, ImagesResult
 from .base import Provider
 
 GRID = 8
@@ -23,8 +24,9 @@ GRID = 8
 class PlaceholderProvider(Provider):
     type = "placeholder"
     needs_key = False
+    models = load_models(__name__, "placeholder.yaml")
 
-    async def generate(self, ctx: RequestContext, request: ImageRequest) -> ImagesResult:
+    async def generate(self, request: ImageRequest, target, plan, call) -> ImagesResult:
         width, _, height = request.size.replace("auto", "1024x1024").partition("x")
         pngs = await asyncio.to_thread(
             lambda: [placeholder_png(request.prompt, int(width), int(height), index) for index in range(request.n)]

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import time
 
-from ..errors import GatewayError, upstream_error
-from ..messages import GeneratedImage, ImageRequest, ImagesResult, RequestContext
+from ..catalog import load_models
+from ..errors import GatewayError, UpstreamError, upstream_error
+from ..messages import GeneratedImage, ImageRequest, ImagesResult
+from ..plan import Plan
+from ..routing import Target
+from ..upstream import UpstreamCall
 from .base import Provider, log
 
 STEPS = {"standard": 30, "hd": 50}
@@ -20,17 +24,17 @@ STYLE_PRESETS = {"vivid": "enhance", "natural": "photographic"}
 
 class StabilityProvider(Provider):
     type = "stability"
+    models = load_models(__name__, "stability.yaml")
 
-    async def generate(self, ctx: RequestContext, request: ImageRequest) -> ImagesResult:
+    async def generate(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult:
         key = self.require_key(request.model)
-        engine = ctx.route.model.upstream_model
+        engine = target.model.upstream_model
         url = f"{self.config.base_url}/v1/generation/{engine}/text-to-image"
         async with self.upstream.request(
-            ctx,
+            call,
             self.config,
             "POST",
             url,
-            timeout=self.timeout(ctx),
             json=self.build_body(request),
             headers={"Authorization": f"Bearer {key}", "Accept": "application/json"},
         ) as resp:
@@ -38,7 +42,7 @@ class StabilityProvider(Provider):
         if resp.status != 200:
             raise self.map_error(resp.status, body)
         if not body:
-            raise upstream_error(f"The provider '{self.config.name}' returned an answer that is not JSON.", code="upstream_bad_response")
+            raise upstream_error(f"The provider '{self.config.name}' returned an answer that is not JSON.")
         return self.parse(body)
 
     def build_body(self, request: ImageRequest) -> dict:
@@ -57,7 +61,7 @@ class StabilityProvider(Provider):
     def parse(self, body: dict) -> ImagesResult:
         artifacts = body.get("artifacts")
         if not isinstance(artifacts, list) or not all(isinstance(a, dict) for a in artifacts):
-            raise upstream_error(f"The provider '{self.config.name}' returned no artifacts.", code="upstream_bad_response")
+            raise upstream_error(f"The provider '{self.config.name}' returned no artifacts.")
         images, filtered, failed = [], 0, 0
         for artifact in artifacts:
             reason = artifact.get("finishReason")
@@ -74,7 +78,7 @@ class StabilityProvider(Provider):
                 code="content_policy_violation",
             )
         if not images:
-            raise upstream_error(f"The provider '{self.config.name}' generated no usable image.", code="upstream_bad_response")
+            raise upstream_error(f"The provider '{self.config.name}' generated no usable image.")
         if filtered or failed:
             log.info("provider %s withheld %d filtered and %d failed artifacts", self.config.name, filtered, failed)
         return ImagesResult(created=int(time.time()), images=images, filtered=filtered)
@@ -90,5 +94,5 @@ class StabilityProvider(Provider):
         if status == 400:
             return GatewayError(400, message, code=name)
         if status == 429:
-            return GatewayError(429, message, type="requests", code="rate_limit_exceeded")
-        return self.upstream_error_for_status(status)
+            return UpstreamError(429, message, type="requests", code="rate_limit_exceeded", kind="rate_limited", produced_nothing=True)
+        return self.upstream_error_for_status(status, error_body=name is not None or bool(body.get("message")))

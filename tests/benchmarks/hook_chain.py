@@ -56,7 +56,7 @@ async def one_request(gateway: Gateway, http, body: dict) -> None:
     ctx.identity = await authenticate(ctx)
     ctx.body = body
     check_schema(body)
-    ctx.route = gateway.routing.resolve(body["model"])
+    ctx.route = ctx.target = gateway.routing.resolve(body["model"])
     ctx.request = check_capabilities(body, ctx.route)
     await check_request(ctx)
     result = ImagesResult(created=1, images=[GeneratedImage(b64_json="aGVsbG8=")])
