@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import quote
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,30 @@ def test_the_hook_chain_benchmark_runs_from_the_checkout_as_the_readme_says():
     )
     assert result.returncode == 0, result.stderr
     assert "full built-in chain:" in result.stdout and "ratio" in result.stdout
+
+
+def test_text_logs_cannot_be_forged_by_a_path(serve, tmp_path):
+    # aiohttp decodes the path: a %0A in it reached the text access line as a line break, and a
+    # client could append lines of its choosing (an access line of another key, say).
+    import re
+
+    config = tmp_path / "text-logs.yaml"
+    forged = "2026-01-01T00:00:00.000Z INFO imgproxy.access: POST /v1/images/generations 200 key=someone-else cost_usd=99"
+    config.write_text((REPO / "proxy.yaml").read_text() + "\nlogging: {format: text}\n")
+    key = "sk-text-log-key-00000"
+    proc, port = serve("--config", str(config), IMGPROXY_API_KEYS=key)
+    breaks = ["%0A", "%0D", "%0D%0A", "%C2%85", "%E2%80%A8", "%0B%0C%1C"]  # what str.splitlines() also splits on
+    for brk in breaks:
+        for path in (f"/v1/models/x{brk}{quote(forged)}", f"/nothing{brk}{quote(forged)}"):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {key}"})
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(request, timeout=10)
+            assert answer.value.code == 404
+    proc.terminate()
+    proc.wait(timeout=30)
+    lines = proc.stdout.read().splitlines()
+    access = [line for line in lines if "imgproxy.access" in line]
+    assert len(access) == 2 * len(breaks), access  # one line per request, however its path reads
+    for line in lines:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ", line), line
+        assert not line.startswith("2026-01-01T"), line
