@@ -170,3 +170,22 @@ async def test_an_upstream_rate_limit_is_not_replayed_to_the_retry_it_asks_for(m
     assert (await images_body(retry))["data"][0]["url"] == answer.data[0].url
     assert len(fake_openai.requests) == 2
     assert [r["cost_usd"] for r in records(tmp_path)] == [0.0, 0.016, 0.0]
+
+
+async def test_a_refusal_by_the_moderation_model_is_decided_afresh(make_client, config_text, tmp_path, fake_openai):
+    # The moderation model is asked before the provider: when it is down (503) nothing was
+    # generated or billed, so a retry with the same key must be moderated and generated anew,
+    # not get the stored 503 for `idempotency.ttl`.
+    from tests.fakes import Cue
+
+    moderation = "moderation:\n  upstream: {provider: openai, model: omni-moderation-latest, timeout: 0.5}\n"
+    client = await make_client(config(config_text, tmp_path, "memory", idempotency=moderation))
+    fake_openai.moderation_cues.append(Cue(status=500, body={}))
+    headers = {**AUTH, "Idempotency-Key": "moderated-1"}
+    await assert_error(await client.post(URL, json=BODY, headers=headers), 503, "moderation_unavailable")
+    assert fake_openai.requests == []  # no image was asked for
+    retry = await client.post(URL, json=BODY, headers=headers)
+    assert "x-imgproxy-idempotent-replay" not in retry.headers
+    await images_body(retry)
+    assert (len(fake_openai.moderation_requests), len(fake_openai.requests)) == (2, 1)
+    assert [r["cost_usd"] for r in records(tmp_path)] == [0.0, 0.016]
