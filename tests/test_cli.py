@@ -8,8 +8,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import quote
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -308,3 +308,33 @@ def test_text_logs_cannot_be_forged_by_a_path(serve, tmp_path):
     for line in lines:
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ", line), line
         assert not line.startswith("2026-01-01T"), line
+
+
+def test_a_failed_start_names_what_failed_not_the_api_port(tmp_path):
+    # Every OSError at start was reported as the API port's: a taken operations port, or a
+    # usage log in a folder that does not exist, read "cannot listen on <API host:port>".
+    api, ops = free_port(), free_port()
+    base = f"""
+server: {{host: 127.0.0.1, port: {api}}}
+auth: {{api_keys: sk-start-failure-key-0000}}
+providers:
+  placeholder: {{type: placeholder}}
+models:
+  placeholder: {{provider: placeholder}}
+images: {{directory: {tmp_path / "images"}, signing_key: start-failure-signing-key}}
+"""
+    config = tmp_path / "proxy.yaml"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ops))
+        taken.listen()
+        config.write_text(base + f"metrics: {{host: 127.0.0.1, port: {ops}}}\n")
+        result = subprocess.run([*IMGPROXY, "serve", "--config", str(config)], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{ops}: the address is already in use" in result.stderr, result.stderr
+    assert f":{api}" not in result.stderr, result.stderr
+    config.write_text(base + f"cost: {{usage_log: {tmp_path / 'no-such-folder' / 'usage.jsonl'}}}\n")
+    assert run_imgproxy("check-config", str(config)).returncode == 0  # valid, as far as a file can say
+    result = subprocess.run([*IMGPROXY, "serve", "--config", str(config)], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "cannot listen" not in result.stderr and f"{tmp_path / 'no-such-folder' / 'usage.jsonl'}" in result.stderr, result.stderr
+    assert "Unclosed" not in result.stdout + result.stderr  # what had started was stopped again
