@@ -134,8 +134,11 @@ def serve_command(args) -> int:
         loop.run_until_complete(
             serving.serve(runner, runtime, host, port, backlog=server.backlog, reuse_port=args.reuse_port, ready=announce_serving(len(config.models)))
         )
-    except OSError as exc:
-        return listen_failed(exc, host, port)
+    except serving.ListenFailed as exc:
+        return listen_failed(exc.error, exc.host, exc.port)
+    except OSError as exc:  # not a port: a file or folder a plugin or the store could not open
+        print(f"imgproxy: cannot start: {exc}", file=sys.stderr)
+        return 2
     finally:
         serving.close_loop(loop)
     return 0

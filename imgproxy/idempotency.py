@@ -9,7 +9,8 @@ answer back with `x-imgproxy-idempotent-replay: true`; with another body, 409
 seconds, then 409 `request_in_progress`. Answers that cannot be replayed (streamed, larger than
 `max_answer_bytes`, or broken off after the upstream call) leave a marker: their retries get 409
 `idempotent_answer_unavailable`, never a second upstream call. A request refused before the
-upstream call leaves nothing, so its retry is decided afresh.
+upstream call, or by the provider's own rate limit (429), leaves nothing, so its retry is
+decided afresh.
 """
 
 from __future__ import annotations
@@ -93,8 +94,11 @@ class Idempotency:
             return
         key, body = started
         try:
-            if not ctx.outcome.upstream_called and (response is None or response.status >= 400):
-                await self.state.delete(key)  # refused or failed before any upstream call: retry decides afresh
+            refused_before = not ctx.outcome.upstream_called and (response is None or response.status >= 400)
+            # A 429 after the call is the provider's rate limit: nothing was generated or billed,
+            # and its Retry-After asks for the retry that a replay would refuse for `ttl`.
+            if refused_before or (response is not None and response.status == 429):
+                await self.state.delete(key)  # retry decides afresh
                 return
             answer = response.body if isinstance(response, web.Response) else None
             if not isinstance(answer, bytes) or len(answer) > self.config.max_answer_bytes:

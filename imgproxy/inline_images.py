@@ -223,6 +223,11 @@ def valid_usage(usage) -> bool:
     details = usage["input_tokens_details"]
     counts = [usage.get(k) for k in ("total_tokens", "input_tokens", "output_tokens")]
     counts += [details.get("text_tokens"), details.get("image_tokens")]
+    if "output_tokens_details" in usage:  # optional, but when sent the schema requires its counts
+        output = usage["output_tokens_details"]
+        if not isinstance(output, dict):
+            return False
+        counts += [output.get("text_tokens"), output.get("image_tokens")]
     return all(type(count) is int and count >= 0 for count in counts)
 
 

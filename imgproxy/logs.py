@@ -76,6 +76,9 @@ class TextFormatter(_Formatter):
 
 # One encoder for every access line; fresh dicts cannot be circular, so that check is skipped.
 _encode = json.JSONEncoder(check_circular=False).encode
+# A text line holds client text (a path, which aiohttp decodes, a prompt): any character a
+# reader may take for a line break becomes a space, or a %0A in a path would forge log lines.
+_LINE_BREAKS = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029], " ")
 
 
 class AccessLog:
@@ -94,6 +97,7 @@ class AccessLog:
             # Fields without a value (no error, no user) are left out, as in a JSON reader's view.
             fields = {"request_id": request_id, **fields}
             line = f"{timestamp(time.time())} INFO imgproxy.access: {message} " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line = line.translate(_LINE_BREAKS)
         self.stream.write(line + "\n")
         if not self._flush_pending:
             try:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import math
 from typing import Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -169,13 +169,15 @@ MAX_UNCERTAIN = 10_000  # timed-out reservations kept to undo (past that, recove
 
 
 def masked_url(url: str) -> str:
-    """The URL with its password replaced, for logs."""
+    """The URL with its password replaced, for logs: in `user:password@` and in the query
+    (redis-py also takes `?password=`)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        url = urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
+    base, mark, query = url.partition("?")
+    arguments = [(item.partition("=")[0], item) for item in query.split("&")] if mark else []
+    return base + mark + "&".join(f"{name}=***" if unquote_plus(name) == "password" else item for name, item in arguments)
 
 
 def hash_tag(key: str) -> str:

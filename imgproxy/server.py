@@ -4,6 +4,7 @@ OpenAI envelope."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ from .messages import RequestContext
 from .metrics import exposition
 from .pipeline import generate_images
 from .runtime import Runtime
+from .serving import ListenFailed
 
 log = logging.getLogger("imgproxy.server")
 
@@ -73,7 +75,12 @@ def metrics_app(runtime: Runtime) -> web.Application:
 
 async def _lifecycle(app: web.Application):
     runtime = app[RUNTIME]
-    await runtime.start()
+    try:
+        await runtime.start()
+    except BaseException:
+        with contextlib.suppress(Exception):  # stop what did start (connection pools, the store); the first error is the one to tell
+            await runtime.close()
+        raise
     yield
     await runtime.close()
 
@@ -86,7 +93,11 @@ def _metrics_site(host: str, port: int, reuse_port: bool):
         guard = Listener("ops", OPS_MAX_CONNECTIONS, server, runtime.shared.metrics)
         runner = GuardedRunner(metrics_app(runtime), guard, access_log=None, keepalive_timeout=server.keepalive_timeout)
         await runner.setup()
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        try:
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ListenFailed(host, port, exc) from None
         yield
         await runner.cleanup()
 

@@ -29,13 +29,17 @@ async def serve(runner: web.AppRunner, runtime: Runtime, host: str, port: int, *
     """Serve the runner's app until SIGTERM or SIGINT, then drain. The runner's
     shutdown_timeout should be CANCEL_GRACE. `ready(host, port)` is called once the socket is
     bound (so no success line for a port that is taken: that raises OSError)."""
-    await runner.setup()
+    try:
+        await runner.setup()  # starts the gateway (store, plugins) and the operations port
+    except BaseException:
+        await runner.cleanup()  # what did start (connection pools, sweepers) is stopped again
+        raise
     site = web.TCPSite(runner, host, port, backlog=backlog, reuse_port=reuse_port or None)
     try:
         await site.start()
-    except OSError:
+    except OSError as exc:
         await runner.cleanup()
-        raise
+        raise ListenFailed(host, port, exc) from None
     if ready is not None:
         ready(host, port)
     stop = asyncio.Event()
@@ -65,6 +69,15 @@ async def drain(runner: web.AppRunner, site: web.TCPSite, runtime: Runtime) -> N
     if runtime.shared.in_flight:
         # Their usage is still recorded: cancelled after an upstream call, at the worst case.
         log.warning("drain timeout: cancelling %d requests still in flight", runtime.shared.in_flight)
+
+
+class ListenFailed(OSError):
+    """A listening socket that could not be had, with the address it was for (the API port
+    and the operations port fail alike; any other OSError at start is not about listening)."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror)
+        self.host, self.port, self.error = host, port, error
 
 
 def close_loop(loop: asyncio.AbstractEventLoop) -> None:

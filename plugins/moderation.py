@@ -204,6 +204,7 @@ class ModerationPlugin:
     async def _ask_moderation_model(self, ctx, level: str) -> None:
         spec = self.upstream
         provider = spec["provider"]
+        called = ctx.outcome.upstream_called
         try:
             async with ctx.gateway.upstream.request(
                 UpstreamCall.for_request(ctx, spec["timeout"]),
@@ -228,6 +229,10 @@ class ModerationPlugin:
             raise GatewayError(
                 503, "The content moderation service is unavailable; try again later.", type="server_error", code="moderation_unavailable"
             ) from None
+        finally:
+            # `upstream_called` is the generation call (what a cut bills and an Idempotency-Key
+            # keeps): a refusal here is decided before it, like any other policy refusal.
+            ctx.outcome.upstream_called = called
         blocking = spec["block"].get(level, [])
         hits = [name for name in flagged if "*" in blocking or name in blocking]
         if hits:

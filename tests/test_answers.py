@@ -325,3 +325,32 @@ async def test_a_parsed_answer_with_broken_base64_is_a_502_whichever_provider(ga
     await assert_error(await post(gateway, {"model": "gpt-image-1", "prompt": "x"}, "b64-gpt"), 502, "upstream_bad_response")
     fake_stability.cue(body={"artifacts": [{"base64": value, "finishReason": "SUCCESS", "seed": 1}]})
     await assert_error(await post(gateway, {"model": "sdxl", "prompt": "x", "response_format": "b64_json"}, "b64-sdxl"), 502, "upstream_bad_response")
+
+
+BAD_OUTPUT_DETAILS = [{"image_tokens": "many", "text_tokens": 0}, {}, {"image_tokens": 1.5, "text_tokens": 0}, "x", None]
+
+
+@pytest.mark.parametrize("details", BAD_OUTPUT_DETAILS)
+async def test_usage_with_misshapen_output_details_never_reaches_a_client_in_a_200(gateway, fake_openai, usage_log, details):
+    # `output_tokens_details` is optional in ImageGenUsage, but when present its two counts are
+    # required integers: a relayed answer carrying anything else is not an ImagesResponse.
+    usage = {"total_tokens": 100, "input_tokens": 50, "output_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}}
+    fake_openai.cue(body=answer({"b64_json": "aGk="}, usage={**usage, "output_tokens_details": details}))
+    resp = await post(gateway, {**DALLE2, "response_format": "b64_json"}, "relayed-details")
+    await assert_error(resp, 502, "upstream_bad_response")  # relayed: refused before the status
+    fake_openai.cue(body=answer({"b64_json": "aGk="}, usage={**usage, "output_tokens_details": details}))
+    resp = await post(gateway, {"model": "gpt-image-1", "prompt": "x", "quality": "low", "size": "1024x1024"}, "parsed-details")
+    body = await valid_answer(resp, "b64_json")  # parsed: usage dropped, the image priced as an image
+    assert "usage" not in body
+    rec = await record(usage_log, "parsed-details")
+    assert (rec["images"], rec["cost_usd"]) == (1, 0.011)
+
+
+async def test_usage_with_well_formed_output_details_still_passes(gateway, fake_openai):
+    usage = {
+        "total_tokens": 100, "input_tokens": 50, "output_tokens": 50,
+        "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}, "output_tokens_details": {"text_tokens": 0, "image_tokens": 50},
+    }
+    fake_openai.cue(body=answer({"b64_json": "aGk="}, usage=usage))
+    body = await valid_answer(await post(gateway, {**DALLE2, "response_format": "b64_json"}, "good-details"), "b64_json")
+    assert body["usage"] == usage

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -270,3 +271,60 @@ def test_the_hook_chain_benchmark_runs_from_the_checkout_as_the_readme_says():
     )
     assert result.returncode == 0, result.stderr
     assert "full built-in chain:" in result.stdout and "ratio" in result.stdout
+
+
+def test_text_logs_cannot_be_forged_by_a_path(serve, tmp_path):
+    # aiohttp decodes the path: a %0A in it reached the text access line as a line break, and a
+    # client could append lines of its choosing (an access line of another key, say).
+    import re
+
+    config = tmp_path / "text-logs.yaml"
+    forged = "2026-01-01T00:00:00.000Z INFO imgproxy.access: POST /v1/images/generations 200 key=someone-else cost_usd=99"
+    config.write_text((REPO / "proxy.yaml").read_text() + "\nlogging: {format: text}\n")
+    key = "sk-text-log-key-00000"
+    proc, port = serve("--config", str(config), IMGPROXY_API_KEYS=key)
+    breaks = ["%0A", "%0D", "%0D%0A", "%C2%85", "%E2%80%A8", "%0B%0C%1C"]  # what str.splitlines() also splits on
+    for brk in breaks:
+        for path in (f"/v1/models/x{brk}{quote(forged)}", f"/nothing{brk}{quote(forged)}"):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {key}"})
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(request, timeout=10)
+            assert answer.value.code == 404
+    proc.terminate()
+    proc.wait(timeout=30)
+    lines = proc.stdout.read().splitlines()
+    access = [line for line in lines if "imgproxy.access" in line]
+    assert len(access) == 2 * len(breaks), access  # one line per request, however its path reads
+    for line in lines:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ", line), line
+        assert not line.startswith("2026-01-01T"), line
+
+
+def test_a_failed_start_names_what_failed_not_the_api_port(tmp_path):
+    # Every OSError at start was reported as the API port's: a taken operations port, or a
+    # usage log in a folder that does not exist, read "cannot listen on <API host:port>".
+    api, ops = free_port(), free_port()
+    base = f"""
+server: {{host: 127.0.0.1, port: {api}}}
+auth: {{api_keys: sk-start-failure-key-0000}}
+providers:
+  placeholder: {{type: placeholder}}
+models:
+  placeholder: {{provider: placeholder}}
+images: {{directory: {tmp_path / "images"}, signing_key: start-failure-signing-key}}
+"""
+    config = tmp_path / "proxy.yaml"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ops))
+        taken.listen()
+        config.write_text(base + f"metrics: {{host: 127.0.0.1, port: {ops}}}\n")
+        result = subprocess.run([*IMGPROXY, "serve", "--config", str(config)], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{ops}: the address is already in use" in result.stderr, result.stderr
+    assert f":{api}" not in result.stderr, result.stderr
+    config.write_text(base + f"cost: {{usage_log: {tmp_path / 'no-such-folder' / 'usage.jsonl'}}}\n")
+    assert run_imgproxy("check-config", str(config)).returncode == 0  # valid, as far as a file can say
+    result = subprocess.run([*IMGPROXY, "serve", "--config", str(config)], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "cannot listen" not in result.stderr and f"{tmp_path / 'no-such-folder' / 'usage.jsonl'}" in result.stderr, result.stderr
+    assert "Unclosed" not in result.stdout + result.stderr  # what had started was stopped again

@@ -151,3 +151,41 @@ async def test_a_retry_on_the_other_gateway_reaches_the_upstream_once(make_clien
     assert await images_body(later) == await images_body(first)
     assert len(fake_openai.requests) == 1
     assert await spent_today(one) == pytest.approx(0.016)
+
+
+async def test_an_upstream_rate_limit_is_not_replayed_to_the_retry_it_asks_for(make_client, config_text, tmp_path, fake_openai, sdk_for):
+    # The provider refused the call (nothing generated, nothing billed) and said when to retry:
+    # replaying that 429 to every retry for `idempotency.ttl` made the key useless. The official
+    # SDK retries a 429 after Retry-After with the same headers, the Idempotency-Key included.
+    client = await make_client(config(config_text, tmp_path, "memory"))
+    limited = {"error": {"message": "Rate limit reached for images per minute.", "type": "requests", "param": None, "code": "rate_limit_exceeded"}}
+    fake_openai.cue(status=429, body=limited, headers={"Retry-After": "0"})
+    sdk = sdk_for(client).with_options(max_retries=2)
+    answer = await sdk.images.generate(model="dall-e-2", prompt="a lighthouse", size="256x256", extra_headers={"Idempotency-Key": "limited-1"})
+    assert answer.data[0].url
+    assert len(fake_openai.requests) == 2  # refused once, then generated once
+    # The answer that was generated is kept as usual: a later retry is a replay, not a third call.
+    retry = await client.post(URL, json=BODY, headers={**AUTH, "Idempotency-Key": "limited-1"})
+    assert retry.headers["x-imgproxy-idempotent-replay"] == "true"
+    assert (await images_body(retry))["data"][0]["url"] == answer.data[0].url
+    assert len(fake_openai.requests) == 2
+    assert [r["cost_usd"] for r in records(tmp_path)] == [0.0, 0.016, 0.0]
+
+
+async def test_a_refusal_by_the_moderation_model_is_decided_afresh(make_client, config_text, tmp_path, fake_openai):
+    # The moderation model is asked before the provider: when it is down (503) nothing was
+    # generated or billed, so a retry with the same key must be moderated and generated anew,
+    # not get the stored 503 for `idempotency.ttl`.
+    from tests.fakes import Cue
+
+    moderation = "moderation:\n  upstream: {provider: openai, model: omni-moderation-latest, timeout: 0.5}\n"
+    client = await make_client(config(config_text, tmp_path, "memory", idempotency=moderation))
+    fake_openai.moderation_cues.append(Cue(status=500, body={}))
+    headers = {**AUTH, "Idempotency-Key": "moderated-1"}
+    await assert_error(await client.post(URL, json=BODY, headers=headers), 503, "moderation_unavailable")
+    assert fake_openai.requests == []  # no image was asked for
+    retry = await client.post(URL, json=BODY, headers=headers)
+    assert "x-imgproxy-idempotent-replay" not in retry.headers
+    await images_body(retry)
+    assert (len(fake_openai.moderation_requests), len(fake_openai.requests)) == (2, 1)
+    assert [r["cost_usd"] for r in records(tmp_path)] == [0.0, 0.016]

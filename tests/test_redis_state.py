@@ -236,3 +236,25 @@ async def test_a_reservation_that_timed_out_but_landed_is_undone(own_redis):
         assert await backend.get("spend:{team}:day") == 0.0
     finally:
         await backend.close()
+
+
+async def test_a_password_given_as_a_query_argument_never_reaches_the_logs(make_client, config_text, tmp_path, all_log_output):
+    # redis-py also takes `?password=` (the only way to give one with some unix:// URLs).
+    from tests.conftest import SECRET_ENV_VALUE
+    from tests.redisserver import RedisServer
+
+    server = RedisServer(tmp_path, password=SECRET_ENV_VALUE).start()
+    try:
+        start = len(all_log_output)
+        url = f"redis://127.0.0.1:{server.port}/0?socket_keepalive=true&password=${{REDIS_PASSWORD}}"
+        client = await make_client(redis_config(config_text, url, "rate_limit: {requests_per_minute: 5}"), env={"REDIS_PASSWORD": SECRET_ENV_VALUE})
+        await images_body(await client.post(URL, json=BODY, headers=AUTH))  # the password was used
+        server.stop()
+        await assert_error(await client.post(URL, json=BODY, headers=AUTH), 503, "state_unavailable")
+        lines = "\n".join(all_log_output[start:])
+        assert f"127.0.0.1:{server.port}/0?socket_keepalive=true&password=***" in lines  # the URL was logged, masked
+        assert SECRET_ENV_VALUE not in lines
+    finally:
+        server.stop()
+    assert masked_url("unix:///run/redis.sock?db=1&password=pw") == "unix:///run/redis.sock?db=1&password=***"
+    assert masked_url("redis://app:pw@redis.example:6380/1?pass%77ord=pw2") == "redis://app:***@redis.example:6380/1?pass%77ord=***"
