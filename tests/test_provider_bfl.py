@@ -250,6 +250,20 @@ async def test_job_that_never_finishes_is_504_recorded_at_its_price(bfl_client, 
     assert resp.headers["x-imgproxy-cost-usd"] == "0.080000"
 
 
+async def test_a_refused_job_beside_an_accepted_one_is_not_retried(bfl_client, fake_bfl, tmp_path):
+    # One of two submissions gets 429 (that one produced nothing), the other is accepted and
+    # never finishes: whichever error is shown, calling again could pay for a third job.
+    client = await bfl_client(total=0.5, provider="retries: {attempts: 3, backoff: 0.01}")
+    fake_bfl.never_ready = True
+    fake_bfl.cue(status=429, body={"detail": "busy"}, headers={"Retry-After": "0"})
+    resp = await post(client, n=2)
+    assert resp.status in (429, 504)
+    assert resp.headers["x-should-retry"] == "false"
+    assert len(fake_bfl.requests) == 2
+    [record] = records(tmp_path)
+    assert record["undelivered_billed"] == 1 and record["cost_usd"] == pytest.approx(0.04)
+
+
 async def test_submit_timeout_is_504(bfl_client, fake_bfl, tmp_path):
     client = await bfl_client(total=0.5)
     fake_bfl.cue(delay=2, body={"id": "late", "polling_url": "x"})
@@ -285,11 +299,12 @@ async def test_poll_429_and_5xx_are_asked_again(bfl_client, fake_bfl):
 
 @pytest.mark.parametrize("which", ["polling_base", "sample_base"])
 async def test_urls_on_other_hosts_are_never_fetched(bfl_client, fake_bfl, tmp_path, which):
-    client = await bfl_client()
+    client = await bfl_client(provider="retries: {attempts: 3, backoff: 0.01}")
     setattr(fake_bfl, which, "http://169.254.169.254")
     resp = await post(client, response_format="b64_json")
     await assert_error(resp, 502, "upstream_bad_response")
     assert fake_bfl.downloads == 0
+    assert len(fake_bfl.requests) == 1  # a refused URL after acceptance is no reason to submit again
     assert records(tmp_path)[0]["undelivered_billed"] == 1  # accepted all the same
 
 
