@@ -370,3 +370,13 @@ models:
 
     gateway = asyncio.run(Gateway.load(text=text, env={}))
     assert gateway.config.models["flux-2-pro"].capabilities.allows_size("1920x1088")
+
+
+async def test_per_megapixel_price_from_the_config(make_client, bfl_config, fake_bfl, tmp_path):
+    # cost.prices takes the per-megapixel form too; an unknown size would count as the largest.
+    text = bfl_config().replace("cost: {usage_log:", "cost: {prices: {flux-dev: {per_megapixel: {first: 0.5, additional: 0.25, max_megapixels: 2}}}, usage_log:")
+    client = await make_client(text)
+    await images_body(await post(client, model="flux-dev", size="1440x1024", response_format="b64_json"))
+    assert records(tmp_path)[0]["cost_usd"] == pytest.approx(0.75)  # 1.41 MP: the first and one more started
+    await images_body(await post(client, model="flux-dev", size="512x512", response_format="b64_json"))
+    assert records(tmp_path)[1]["cost_usd"] == pytest.approx(0.5)
