@@ -150,6 +150,9 @@ class Outcome:
     attempts: int = 0
     # The answer was complete but the client had hung up: recorded as 499, billed as delivered.
     client_left: bool = False
+    # Jobs an asynchronous provider accepted (and bills) that were not delivered: a job that
+    # never finished within the deadline, failed or could not be downloaded. Recorded at their price.
+    undelivered_billed: int = 0
 
 
 @dataclass

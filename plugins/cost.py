@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 
+from imgproxy.catalog import CUSTOM_SIZE
 from imgproxy.errors import GatewayError
 from imgproxy.hookspecs import hookimpl
 from imgproxy.inline_images import valid_usage
@@ -44,6 +45,17 @@ PRICE_SCHEMA = {
     "properties": {
         "per_image": {**_table, "description": "USD per image: {quality: {size: price}}, * for any."},
         "per_image_credits": {**_table, "description": "As per_image, in provider credits (see credit_usd)."},
+        "per_megapixel": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["first", "additional", "max_megapixels"],
+            "description": "USD by output size (FLUX.2): `first` for the first megapixel, `additional` for each further one started (1 MP = 1024x1024 pixels); an unknown size counts as `max_megapixels`.",
+            "properties": {
+                "first": {"type": "number", "minimum": 0},
+                "additional": {"type": "number", "minimum": 0},
+                "max_megapixels": {"type": "integer", "minimum": 1},
+            },
+        },
         "per_million_tokens": {
             "type": "object",
             "additionalProperties": False,
@@ -80,6 +92,7 @@ TOKEN_ESTIMATE_CHARS = 2  # worst case for the prompt's tokens: one token per tw
 class Price:
     per_image: dict  # {quality: {size: usd}}
     per_token: dict | None  # USD per million tokens
+    per_megapixel: dict | None = None  # {first, additional, max_megapixels}: USD by output size
     _known: dict = field(default_factory=dict, compare=False)
 
     def image(self, quality: str | None, size: str | None) -> float:
@@ -91,6 +104,8 @@ class Price:
         return price
 
     def _image(self, quality: str | None, size: str | None) -> float:
+        if self.per_megapixel:
+            return megapixel_price(self.per_megapixel, size)
         tables = [_exact(self.per_image, quality)] if _exact(self.per_image, quality) else list(self.per_image.values())
         prices = []
         for table in tables:
@@ -104,6 +119,14 @@ class Price:
         text_in = details.get("text_tokens", usage.get("input_tokens", 0) - image_in)
         p = self.per_token
         return (text_in * p["text_input"] + image_in * p["image_input"] + usage.get("output_tokens", 0) * p["output"]) / 1e6
+
+
+def megapixel_price(price: dict, size: str | None) -> float:
+    """The first megapixel's price plus each further one started; 1 MP is 1024x1024 pixels
+    (so 1920x1080 is 2). A size that is not WIDTHxHEIGHT counts as the largest."""
+    match = CUSTOM_SIZE.fullmatch(size or "")
+    megapixels = -(-int(match[1]) * int(match[2]) // 2**20) if match else price["max_megapixels"]
+    return price["first"] + max(megapixels - 1, 0) * price["additional"]
 
 
 def _exact(table: dict, name: str | None):
@@ -144,7 +167,7 @@ class CostPlugin:
             per_image = spec.get("per_image") or {
                 q: {s: credits * credit for s, credits in sizes.items()} for q, sizes in spec.get("per_image_credits", {}).items()
             }
-            self.prices[model.name] = Price(per_image, spec.get("per_million_tokens"))
+            self.prices[model.name] = Price(per_image, spec.get("per_million_tokens"), spec.get("per_megapixel"))
             if spec.get("per_million_tokens"):
                 gateway.body_needed.add(model.name)  # token usage is in the body: read it before answering
         self._usage_target = section.get("usage_log", "")
@@ -241,12 +264,15 @@ class CostPlugin:
         # A client that left once its answer was complete (499) was still delivered to.
         failed = (outcome.status != 200 and not outcome.client_left) or outcome.upstream_error_kind is not None
         images = 0 if failed else min(outcome.images, ctx.request.n)
-        if not images:
+        # Jobs an asynchronous provider accepted and bills though they were not delivered: the
+        # gateway pays for them, so the record does (see Outcome.undelivered_billed).
+        undelivered = outcome.undelivered_billed
+        if not images and not undelivered:
             return 0.0
         price = self.prices[ctx.target.model.name]
         if price.per_token and valid_usage(outcome.usage):
             return min(price.tokens(outcome.usage), self.worst(ctx, images))
-        return images * price.image(ctx.request.quality, ctx.request.size)
+        return (images + undelivered) * price.image(ctx.request.quality, ctx.request.size)
 
     def usage_record(self, ctx, outcome, cost: float) -> dict:
         return {
@@ -266,6 +292,7 @@ class CostPlugin:
             "status": outcome.status,
             "error": outcome.error_code,
             "user": ctx.user_hash,
+            **({"undelivered_billed": outcome.undelivered_billed} if outcome.undelivered_billed else {}),
             **({"cut": True} if outcome.cut else {}),
         }
 

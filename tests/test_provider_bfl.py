@@ -1,0 +1,382 @@
+"""Black Forest Labs FLUX (type: bfl) against a fake that speaks BFL's asynchronous API over a
+real socket: submit, poll until Ready, download; every conformance case of issue 12."""
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from imgproxy.egress import UrlRefused
+from imgproxy.gateway import Gateway
+from imgproxy.providers.bfl import BflProvider
+from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body, serve_fake
+from tests.fake_bfl import BFL_PNG, FakeBFL
+from tests.fakes import Cue, FakeUpstream, png_size
+
+URL = "/v1/images/generations"
+SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "specs" / "bfl.yaml"
+
+
+@pytest.fixture
+async def fake_bfl(aiohttp_server):
+    async for fake in serve_fake(aiohttp_server, FakeBFL()):
+        yield fake
+
+
+@pytest.fixture
+def bfl_config(fake_bfl, tmp_path):
+    def make(total: float = 5, extra: str = "", provider: str = "") -> str:
+        return f"""
+auth:
+  keys:
+    - {{name: team-a, key: {CLIENT_KEY}}}
+providers:
+  bfl:
+    type: bfl
+    base_url: {fake_bfl.base_url}
+    api_key: {FakeUpstream.key}
+    timeouts: {{connect: 2, total: {total}}}
+    options: {{poll_interval: 0.01, max_poll_interval: 0.05}}
+    {provider}
+models:
+  flux-pro-1.1: {{provider: bfl}}
+  flux-dev: {{provider: bfl}}
+  flux-pro-1.1-ultra: {{provider: bfl}}
+  flux-2-pro: {{provider: bfl}}
+  flux-2-flex: {{provider: bfl}}
+images:
+  directory: {tmp_path / "images"}
+  signing_key: test-signing-key
+cost: {{usage_log: {tmp_path / "usage.jsonl"}}}
+{extra}
+"""
+
+    return make
+
+
+@pytest.fixture
+def bfl_client(make_client, bfl_config):
+    async def make(**kwargs):
+        return await make_client(bfl_config(**kwargs))
+
+    return make
+
+
+def records(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "usage.jsonl").read_text().splitlines()]
+
+
+async def post(client, **body):
+    return await client.post(URL, json={"model": "flux-pro-1.1", "prompt": "a red fox", **body}, headers=AUTH)
+
+
+def test_spec_copy_is_the_shared_one():
+    if not SHARED_SPEC.is_file():
+        pytest.skip("no shared/specs beside this checkout")
+    assert (Path(__file__).parent / "specs" / "bfl.yaml").read_bytes() == SHARED_SPEC.read_bytes()
+
+
+# The reference's basic example: prompt, n, size, in both formats.
+
+
+async def test_basic_example_b64_json(bfl_client, fake_bfl, tmp_path):
+    client = await bfl_client()
+    resp = await post(client, n=2, size="1024x768", response_format="b64_json")
+    body = await images_body(resp)
+    assert [base64.b64decode(item["b64_json"]) for item in body["data"]] == [BFL_PNG, BFL_PNG]
+    assert fake_bfl.requests == [{"prompt": "a red fox", "width": 1024, "height": 768}] * 2  # n jobs
+    assert fake_bfl.models == ["flux-pro-1.1"] * 2
+    assert all(h["x-key"] == FakeUpstream.key for h in fake_bfl.headers)
+    # Pending twice, then Ready, for each job; each image downloaded once.
+    assert sorted(fake_bfl.polls) == ["job-1"] * 3 + ["job-2"] * 3
+    assert fake_bfl.downloads == 2
+    [record] = records(tmp_path)
+    assert record["images"] == 2 and record["cost_usd"] == pytest.approx(0.08)
+    assert resp.headers["x-imgproxy-cost-usd"] == "0.080000"
+
+
+async def test_basic_example_url_is_hosted_by_the_gateway(bfl_client, fake_bfl):
+    client = await bfl_client()
+    body = await images_body(await post(client, size="1024x1024"))  # url is the default
+    [item] = body["data"]
+    assert not item["url"].startswith(fake_bfl.base_url)  # never BFL's 10-minute signed URL
+    image = await download(client, item["url"])
+    assert image.status == 200 and await image.read() == BFL_PNG
+    assert png_size(BFL_PNG) == (3, 1)
+
+
+async def test_official_sdk(bfl_client, sdk_for, fake_bfl):
+    client = await bfl_client()
+    sdk = sdk_for(client)
+    result = await sdk.images.generate(model="flux-dev", prompt="a red fox", n=1, size="512x512", response_format="b64_json")
+    assert base64.b64decode(result.data[0].b64_json) == BFL_PNG
+    assert fake_bfl.models == ["flux-dev"] and fake_bfl.requests == [{"prompt": "a red fox", "width": 512, "height": 512}]
+
+
+# Parameters: passed, translated, refused.
+
+
+async def test_output_format_passed_and_webp_refused(bfl_client, fake_bfl):
+    client = await bfl_client()
+    await images_body(await post(client, output_format="png", response_format="b64_json"))
+    assert fake_bfl.requests[-1]["output_format"] == "png"
+    await assert_error(await post(client, output_format="webp"), 400, "invalid_value", "output_format")
+    assert len(fake_bfl.requests) == 1
+
+
+async def test_ultra_gets_the_size_as_an_aspect_ratio(bfl_client, fake_bfl):
+    client = await bfl_client()
+    await images_body(await post(client, model="flux-pro-1.1-ultra", size="1792x1024", response_format="b64_json"))
+    assert fake_bfl.models == ["flux-pro-1.1-ultra"]
+    assert fake_bfl.requests == [{"prompt": "a red fox", "aspect_ratio": "7:4"}]
+
+
+@pytest.mark.parametrize(
+    "extra, param, code",
+    [
+        ({"quality": "hd"}, "quality", None),
+        ({"style": "vivid"}, "style", None),
+        ({"size": "1000x1000"}, "size", None),  # not a multiple of 32
+        ({"size": "2048x2048"}, "size", None),  # above FLUX 1.1 [pro]'s 1440
+        ({"n": 5}, "n", "invalid_n"),
+        ({"background": "transparent"}, "background", "unsupported_parameter"),
+    ],
+)
+async def test_refused_parameters_never_reach_bfl(bfl_client, fake_bfl, extra, param, code):
+    client = await bfl_client()
+    resp = await post(client, **extra)
+    error = await resp.json()
+    assert resp.status == 400, error
+    assert error["error"]["param"] == param
+    if code:
+        assert error["error"]["code"] == code
+    assert fake_bfl.requests == []
+
+
+async def test_flux2_custom_size_priced_per_megapixel(bfl_client, fake_bfl, tmp_path):
+    client = await bfl_client()
+    resp = await post(client, model="flux-2-pro", size="1920x1088", n=2, response_format="b64_json")
+    await images_body(resp)
+    assert fake_bfl.requests[0] == {"prompt": "a red fox", "width": 1920, "height": 1088}
+    # 1920x1088 is 1.99 MP (of 1024x1024 pixels): the first at $0.03 and one more at $0.015, per image.
+    [record] = records(tmp_path)
+    assert record["cost_usd"] == pytest.approx(2 * 0.045)
+    resp = await post(client, model="flux-2-flex", size="2048x2048", response_format="b64_json")
+    await images_body(resp)
+    assert records(tmp_path)[-1]["cost_usd"] == pytest.approx(4 * 0.06)
+
+
+# Refusals and failures.
+
+
+@pytest.mark.parametrize(
+    "prompt, param, reason",
+    [("a forbidden logo", "prompt", "Derivative Works"), ("something explicit", None, "NSFW")],
+)
+async def test_moderation_is_content_policy_violation(bfl_client, fake_bfl, tmp_path, prompt, param, reason):
+    client = await bfl_client()
+    resp = await post(client, prompt=prompt)
+    error = await assert_error(resp, 400, "content_policy_violation", param)
+    assert reason in error["message"]
+    assert resp.headers["x-should-retry"] == "false"
+    [record] = records(tmp_path)
+    assert record["status"] == 400 and record["cost_usd"] == 0  # taken as not billed (see docs)
+
+
+async def test_upstream_401_is_502_auth_failed(bfl_client, fake_bfl):
+    client = await bfl_client()
+    fake_bfl.key, key = "another-key-entirely-0000", fake_bfl.key
+    try:
+        resp = await post(client)
+    finally:
+        fake_bfl.key = key
+    await assert_error(resp, 502, "upstream_auth_failed")
+
+
+async def test_429_is_429_with_retry_after(bfl_client, fake_bfl, tmp_path):
+    client = await bfl_client()
+    fake_bfl.cue(status=429, body={"detail": "Too many active tasks"}, headers={"Retry-After": "7"})
+    resp = await post(client)
+    await assert_error(resp, 429, "rate_limit_exceeded")
+    assert resp.headers["Retry-After"] == "7"
+    assert records(tmp_path)[0]["cost_usd"] == 0  # refused before acceptance: nothing billed
+
+
+async def test_402_out_of_credits(bfl_client, fake_bfl):
+    client = await bfl_client()
+    fake_bfl.cue(status=402, body={"detail": "Insufficient credits"})
+    await assert_error(await post(client), 502, "upstream_quota_exceeded")
+
+
+async def test_422_is_400_with_the_validation_message(bfl_client, fake_bfl):
+    client = await bfl_client()
+    fake_bfl.cue(status=422, body={"detail": [{"loc": ["body", "width"], "msg": "width must be a multiple of 32", "type": "value_error"}]})
+    error = await assert_error(await post(client), 400, "invalid_value")
+    assert error["message"] == "width must be a multiple of 32"
+
+
+async def test_submit_5xx_is_502_and_retried_as_it_produced_nothing(bfl_client, fake_bfl, tmp_path):
+    client = await bfl_client(provider="retries: {attempts: 2, backoff: 0.01}")
+    fake_bfl.cue(status=503, body={"detail": "overloaded"})
+    await images_body(await post(client, response_format="b64_json"))
+    assert len(fake_bfl.requests) == 2  # refused, then accepted
+    fake_bfl.cue(status=500, body={"detail": "boom"})
+    fake_bfl.cue(status=500, body={"detail": "boom"})
+    await assert_error(await post(client), 502, "upstream_error")
+
+
+async def test_error_status_after_acceptance_is_502_billed_and_never_retried(bfl_client, fake_bfl, tmp_path):
+    client = await bfl_client(provider="retries: {attempts: 3, backoff: 0.01}")
+    resp = await post(client, prompt="make it crash")
+    await assert_error(resp, 502, "upstream_bad_response")
+    assert len(fake_bfl.requests) == 1  # the job was accepted: a second one could be billed twice
+    [record] = records(tmp_path)
+    assert record["undelivered_billed"] == 1 and record["cost_usd"] == pytest.approx(0.04)
+
+
+async def test_job_that_never_finishes_is_504_recorded_at_its_price(bfl_client, fake_bfl, tmp_path):
+    client = await bfl_client(total=0.5, provider="retries: {attempts: 3, backoff: 0.01}")
+    fake_bfl.never_ready = True
+    resp = await post(client, n=2)
+    await assert_error(resp, 504, "upstream_timeout")
+    assert resp.headers["x-should-retry"] == "false"
+    assert len(fake_bfl.requests) == 2 and len(fake_bfl.polls) >= 2  # polled, within the deadline
+    assert fake_bfl.downloads == 0
+    # Accepted, so BFL runs and bills both jobs: the record says so rather than $0.
+    [record] = records(tmp_path)
+    assert record["status"] == 504 and record["images"] == 0
+    assert record["undelivered_billed"] == 2 and record["cost_usd"] == pytest.approx(0.08)
+    assert resp.headers["x-imgproxy-cost-usd"] == "0.080000"
+
+
+async def test_a_refused_job_beside_an_accepted_one_is_not_retried(bfl_client, fake_bfl, tmp_path):
+    # One of two submissions gets 429 (that one produced nothing), the other is accepted and
+    # never finishes: whichever error is shown, calling again could pay for a third job.
+    client = await bfl_client(total=0.5, provider="retries: {attempts: 3, backoff: 0.01}")
+    fake_bfl.never_ready = True
+    fake_bfl.cue(status=429, body={"detail": "busy"}, headers={"Retry-After": "0"})
+    resp = await post(client, n=2)
+    assert resp.status in (429, 504)
+    assert resp.headers["x-should-retry"] == "false"
+    assert len(fake_bfl.requests) == 2
+    [record] = records(tmp_path)
+    assert record["undelivered_billed"] == 1 and record["cost_usd"] == pytest.approx(0.04)
+
+
+async def test_submit_timeout_is_504(bfl_client, fake_bfl, tmp_path):
+    client = await bfl_client(total=0.5)
+    fake_bfl.cue(delay=2, body={"id": "late", "polling_url": "x"})
+    await assert_error(await post(client), 504, "upstream_timeout")
+    # The submission was sent: BFL may have accepted it. Recorded at its price.
+    assert records(tmp_path)[0]["cost_usd"] == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("where", ["submit", "poll"])
+async def test_cut_body_is_502(bfl_client, fake_bfl, where):
+    client = await bfl_client()
+    (fake_bfl.cues if where == "submit" else fake_bfl.poll_cues).append(Cue(cut=True))
+    await assert_error(await post(client), 502, "upstream_bad_response")
+
+
+@pytest.mark.parametrize("where", ["submit", "poll"])
+async def test_garbage_body_is_502(bfl_client, fake_bfl, where):
+    client = await bfl_client()
+    (fake_bfl.cues if where == "submit" else fake_bfl.poll_cues).append(Cue(body=b"<html>oops</html>", content_type="application/json"))
+    await assert_error(await post(client), 502, "upstream_bad_response")
+    assert fake_bfl.downloads == 0
+
+
+async def test_poll_429_and_5xx_are_asked_again(bfl_client, fake_bfl):
+    client = await bfl_client()
+    fake_bfl.poll_cues += [Cue(status=429, body={"detail": "slow down"}), Cue(status=502, body={"detail": "bad gateway"})]
+    await images_body(await post(client, response_format="b64_json"))
+    assert len(fake_bfl.polls) == 5  # two failed polls, two Pending, Ready
+
+
+# Egress: the polling and result URLs only on the provider's hosts.
+
+
+@pytest.mark.parametrize("which", ["polling_base", "sample_base"])
+async def test_urls_on_other_hosts_are_never_fetched(bfl_client, fake_bfl, tmp_path, which):
+    client = await bfl_client(provider="retries: {attempts: 3, backoff: 0.01}")
+    setattr(fake_bfl, which, "http://169.254.169.254")
+    resp = await post(client, response_format="b64_json")
+    await assert_error(resp, 502, "upstream_bad_response")
+    assert fake_bfl.downloads == 0
+    assert len(fake_bfl.requests) == 1  # a refused URL after acceptance is no reason to submit again
+    assert records(tmp_path)[0]["undelivered_billed"] == 1  # accepted all the same
+
+
+def test_default_hosts_are_bfls():
+    from imgproxy.config import ProviderConfig
+
+    provider = BflProvider(ProviderConfig("bfl", "bfl", "", "k", (), 2, 60, ()), upstream=None)
+    assert provider.config.base_url == "https://api.bfl.ai"
+    egress = provider.config.egress
+    egress.target("https://api.us1.bfl.ai/v1/get_result?id=1")
+    egress.target("https://delivery-eu1.bfl.ai/results/x.jpeg?sig=1")
+    with pytest.raises(UrlRefused):
+        egress.target("https://bfl.ai.example.com/x.png")
+    with pytest.raises(UrlRefused):
+        egress.target("http://delivery-eu1.bfl.ai/results/x.jpeg")  # not over plain http
+
+
+# Keys and money.
+
+
+async def test_key_never_in_answers(bfl_client, fake_bfl):
+    client = await bfl_client()
+    fake_bfl.cue(status=500, body={"detail": f"bad key {FakeUpstream.key}"})
+    resp = await post(client)
+    text = await resp.text()
+    assert FakeUpstream.key not in text
+    fake_bfl.cue(status=422, body={"detail": [{"loc": ["body"], "msg": f"key {FakeUpstream.key} invalid", "type": "x"}]})
+    resp = await post(client)
+    assert FakeUpstream.key not in await resp.text()
+
+
+async def test_partial_delivery_billed_for_what_was_accepted(bfl_client, fake_bfl, tmp_path):
+    client = await bfl_client()
+    # The second job's submission is refused (produced nothing); the first is delivered.
+    fake_bfl.cues.append(Cue(status=429, body={"detail": "busy"}))
+    resp = await post(client, n=2, response_format="b64_json")
+    body = await images_body(resp)
+    assert len(body["data"]) == 1
+    [record] = records(tmp_path)
+    assert record["images"] == 1 and record["cost_usd"] == pytest.approx(0.04)
+
+
+async def test_budget_counts_an_undelivered_job(make_client, bfl_config, fake_bfl):
+    text = bfl_config(total=0.5).replace(f"{{name: team-a, key: {CLIENT_KEY}}}", f"{{name: team-a, key: {CLIENT_KEY}, budget: {{daily_usd: 0.05}}}}")
+    client = await make_client(text)
+    fake_bfl.never_ready = True
+    await assert_error(await post(client), 504, "upstream_timeout")
+    fake_bfl.never_ready = False
+    # $0.04 spent on the job BFL billed: another $0.04 would cross $0.05.
+    await assert_error(await post(client), 429, "insufficient_quota")
+    assert len(fake_bfl.requests) == 1
+
+
+def test_gateway_loads_the_public_config():
+    text = f"""
+auth: {{keys: [{{name: a, key: {CLIENT_KEY}}}]}}
+providers:
+  bfl: {{type: bfl, api_key: "${{BFL_API_KEY:-}}"}}
+models:
+  flux-2-pro: {{provider: bfl}}
+"""
+    import asyncio
+
+    gateway = asyncio.run(Gateway.load(text=text, env={}))
+    assert gateway.config.models["flux-2-pro"].capabilities.allows_size("1920x1088")
+
+
+async def test_per_megapixel_price_from_the_config(make_client, bfl_config, fake_bfl, tmp_path):
+    # cost.prices takes the per-megapixel form too; an unknown size would count as the largest.
+    text = bfl_config().replace("cost: {usage_log:", "cost: {prices: {flux-dev: {per_megapixel: {first: 0.5, additional: 0.25, max_megapixels: 2}}}, usage_log:")
+    client = await make_client(text)
+    await images_body(await post(client, model="flux-dev", size="1440x1024", response_format="b64_json"))
+    assert records(tmp_path)[0]["cost_usd"] == pytest.approx(0.75)  # 1.41 MP: the first and one more started
+    await images_body(await post(client, model="flux-dev", size="512x512", response_format="b64_json"))
+    assert records(tmp_path)[1]["cost_usd"] == pytest.approx(0.5)
