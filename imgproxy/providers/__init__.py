@@ -1,11 +1,12 @@
 """Built-in provider adapters, registered through the same hook a plugin would use."""
 
 from ..hookspecs import hookimpl
+from .google import GoogleGenAIProvider, VertexAIProvider
 from .openai import OpenAIProvider
 from .placeholder import PlaceholderProvider
 from .stability import StabilityProvider
 
-BUILTIN = (OpenAIProvider, StabilityProvider, PlaceholderProvider)
+BUILTIN = (OpenAIProvider, StabilityProvider, PlaceholderProvider, GoogleGenAIProvider, VertexAIProvider)
 
 
 @hookimpl
