@@ -44,7 +44,7 @@ def credentials(tmp_path, google):
 
 @pytest.fixture
 def make_google(aiohttp_client, google, credentials, usage_log, tmp_path):
-    async def make(*, api_key: str = FakeUpstream.key, credentials_file=None, total: float = 5, vertex_options: str = "", retries: int = 1):
+    async def make(*, api_key: str = FakeUpstream.key, credentials_file=None, total: float = 5, vertex_options: str = "", retries: int = 1, env=None):
         creds = credentials if credentials_file is None else credentials_file
         text = f"""
 auth:
@@ -76,7 +76,7 @@ images:
 cost:
   usage_log: {usage_log}
 """
-        gateway = await Gateway.load(text=text, env={})
+        gateway = await Gateway.load(text=text, env=env or {})
         client = await aiohttp_client(create_app(gateway))
         client.gateway = gateway
         return client
@@ -180,8 +180,8 @@ async def test_gemini_size_becomes_image_config(client, google, model, size, rat
     ({"n": 5}, "n", "invalid_n"),
     ({"quality": "hd"}, "quality", "unsupported_parameter"),
     ({"style": "vivid"}, "style", "unsupported_parameter"),
-    ({"output_format": "webp"}, "output_format", "unsupported_value"),
-    ({"output_format": "png", "output_compression": 50}, "output_compression", "unsupported_value"),
+    ({"output_format": "webp"}, "output_format", "invalid_value"),
+    ({"output_format": "png", "output_compression": 50}, "output_compression", "invalid_value"),
     ({"background": "transparent"}, "background", "unsupported_parameter"),
 ])
 async def test_imagen_refuses_what_it_cannot_do_before_calling(client, google, body, param, code):
@@ -371,6 +371,12 @@ async def test_vertex_token_the_provider_refuses_is_replaced_on_the_next_request
     await assert_error(await post(client, {"model": "vertex-imagen", "prompt": "a fox"}), 502, "upstream_auth_failed")
     await images_body(await post(client, {"model": "vertex-imagen", "prompt": "a fox", "response_format": "b64_json"}))
     assert len(google.token_requests) == 2
+
+
+async def test_vertex_credentials_file_named_by_the_environment(make_google, google, credentials):
+    client = await make_google(credentials_file="${GOOGLE_APPLICATION_CREDENTIALS:-}", env={"GOOGLE_APPLICATION_CREDENTIALS": str(credentials)})
+    await images_body(await post(client, {"model": "vertex-imagen", "prompt": "a fox", "response_format": "b64_json"}))
+    assert len(google.token_requests) == 1
 
 
 async def test_vertex_assertion_is_signed_for_the_file_token_uri(client, google):

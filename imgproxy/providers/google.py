@@ -106,13 +106,13 @@ class GoogleProvider(Provider):
         if output_format is not None:
             if output_format not in IMAGEN_MIME:
                 raise GatewayError(
-                    400, f"The model '{request.model}' returns png or jpeg, not {output_format}.", param="output_format", code="unsupported_value"
+                    400, f"The model '{request.model}' returns png or jpeg, not {output_format}.", param="output_format", code="invalid_value"
                 )
             parameters["outputOptions"] = {"mimeType": IMAGEN_MIME[output_format]}
         compression = request.options.get("output_compression")
         if compression is not None:
             if output_format != "jpeg":
-                raise GatewayError(400, "output_compression applies only to output_format jpeg.", param="output_compression", code="unsupported_value")
+                raise GatewayError(400, "output_compression applies only to output_format jpeg.", param="output_compression", code="invalid_value")
             parameters["outputOptions"]["compressionQuality"] = compression
         return {"instances": [{"prompt": request.prompt}], "parameters": parameters}
 
