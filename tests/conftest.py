@@ -19,6 +19,7 @@ from imgproxy.logs import JsonFormatter, access_log
 from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
 from tests.fakes import FakeOpenAI, FakeStability, FakeUpstream, openai_validator
+from tests.fakes_google import SECRETS as GOOGLE_SECRETS
 from tests.s3server import s3_env, s3_server  # noqa: F401 (fixtures)
 
 CLIENT_KEY = "sk-client-test-key-0001"
@@ -94,7 +95,7 @@ def _leak_forms(key: str) -> set[str]:
 
 def secret_forms() -> dict[str, str]:
     """Every form of every secret the session watches for, mapped to the secret's label."""
-    keys = {"FakeUpstream.key": FakeUpstream.key, "CLIENT_KEY": CLIENT_KEY, "SECRET_ENV_VALUE": SECRET_ENV_VALUE}
+    keys = {"FakeUpstream.key": FakeUpstream.key, "CLIENT_KEY": CLIENT_KEY, "SECRET_ENV_VALUE": SECRET_ENV_VALUE, **GOOGLE_SECRETS}
     return {form: label for label, key in keys.items() for form in _leak_forms(key)}
 
 

@@ -2,11 +2,12 @@
 
 from ..hookspecs import hookimpl
 from .bfl import BflProvider
+from .google import GoogleGenAIProvider, VertexAIProvider
 from .openai import OpenAIProvider
 from .placeholder import PlaceholderProvider
 from .stability import StabilityProvider
 
-BUILTIN = (OpenAIProvider, StabilityProvider, PlaceholderProvider, BflProvider)
+BUILTIN = (OpenAIProvider, StabilityProvider, PlaceholderProvider, BflProvider, GoogleGenAIProvider, VertexAIProvider)
 
 
 @hookimpl
