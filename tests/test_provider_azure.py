@@ -253,3 +253,10 @@ async def test_bad_options_are_config_errors(tmp_path, options, where):
     with pytest.raises(ConfigError) as refused:
         await Gateway.load(text=config("http://127.0.0.1:9", tmp_path, provider={"options": options}), env={})
     assert refused.value.path == f"providers.azure.{where}"
+
+
+def test_the_spec_copy_is_the_shared_one():
+    shared = Path(__file__).resolve().parents[2] / "shared" / "specs" / "azure-openai-images.yaml"
+    if not shared.exists():
+        pytest.skip("no shared/specs beside this checkout")
+    assert (Path(__file__).parent / "specs" / "azure-openai-images.yaml").read_bytes() == shared.read_bytes()
