@@ -8,6 +8,7 @@ import base64
 import json
 from pathlib import Path
 
+import openai
 import pytest
 import yaml
 
@@ -128,7 +129,7 @@ async def test_the_official_sdk_as_client(client, sdk_for, fake_azure):
     sdk = sdk_for(client)
     result = await sdk.images.generate(model="azure-dall-e-3", prompt="A serene lake", size="1792x1024", quality="hd", style="natural", response_format="b64_json")
     assert base64.b64decode(result.data[0].b64_json) == FAKE_PNG and result.data[0].revised_prompt == "Revised: A serene lake"
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(openai.BadRequestError) as refused:
         await sdk.images.generate(model="azure-dall-e-3", prompt="forbidden thing")
     assert refused.value.status_code == 400 and refused.value.code == "content_policy_violation"
 
@@ -249,10 +250,12 @@ async def test_usage_record_costs_what_was_delivered(client, fake_azure, tmp_pat
     "options, where",
     [({"auth": "oauth"}, "options.auth"), ({"api_version": "latest"}, "options.api_version"), ({"apiversion": "2024-10-21"}, "options.apiversion")],
 )
-async def test_bad_options_are_config_errors(tmp_path, options, where):
+async def test_bad_options_are_config_errors_naming_the_file(tmp_path, options, where):
+    path = tmp_path / "proxy.yaml"
+    path.write_text(config("http://127.0.0.1:9", tmp_path, provider={"options": options}))
     with pytest.raises(ConfigError) as refused:
-        await Gateway.load(text=config("http://127.0.0.1:9", tmp_path, provider={"options": options}), env={})
-    assert refused.value.path == f"providers.azure.{where}"
+        await Gateway.load(path, env={})
+    assert refused.value.path == f"providers.azure.{where}" and str(refused.value).startswith(f"{path}: providers.azure.")
 
 
 def test_the_spec_copy_is_the_shared_one():
