@@ -14,7 +14,7 @@ import yaml
 from aiohttp import web
 from jsonschema import Draft202012Validator
 
-from tests.fakes import FAKE_B64, SPECS, FakeUpstream, openai_validator
+from tests.fakes import FAKE_B64, SPECS, FakeOpenAI, FakeUpstream, openai_validator
 
 AZURE_SPEC = yaml.safe_load((SPECS / "azure-openai-images.yaml").read_text())
 STABLE = "2024-10-21"
@@ -95,6 +95,10 @@ class FakeAzureOpenAI(FakeUpstream):
                 },
             })
         gpt_image = model.startswith("gpt-image")
+        if body.get("stream"):
+            # GPT image deployments stream OpenAI's image_generation events.
+            usage = {"total_tokens": 4260, "input_tokens": 100, "output_tokens": 4160, "input_tokens_details": {"text_tokens": 100, "image_tokens": 0}}
+            return await FakeOpenAI.stream(self, request, body, usage)
         data = []
         for i in range(body.get("n") or 1):
             if "withheld" in prompt and i == 0:

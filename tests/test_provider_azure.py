@@ -134,6 +134,20 @@ async def test_the_official_sdk_as_client(client, sdk_for, fake_azure):
     assert refused.value.status_code == 400 and refused.value.code == "content_policy_violation"
 
 
+async def test_a_gpt_image_deployment_streams_events_and_is_billed_by_their_usage(client, fake_azure, tmp_path):
+    from tests.test_streaming import read_event
+
+    resp = await post(client, {"model": "azure-gpt-image-1", "prompt": "p", "stream": True, "partial_images": 1, "quality": "high", "size": "1024x1024"})
+    assert resp.status == 200 and resp.content_type == "text/event-stream"
+    assert (await read_event(resp))[0] == "image_generation.partial_image"
+    kind, event = await read_event(resp)
+    assert kind == "image_generation.completed" and base64.b64decode(event["b64_json"]) == FAKE_PNG
+    sent = fake_azure.requests[-1]
+    assert (sent["stream"], sent["partial_images"]) == (True, 1) and "model" not in sent
+    (record,) = await records(tmp_path / "usage.jsonl")
+    assert record["cost_usd"] == pytest.approx(100 * 5 / 1e6 + 4160 * 40 / 1e6)  # the completed event's usage
+
+
 # --- parameters: passed, translated, refused --------------------------------------------------
 
 async def test_parameters_passed(client, fake_azure):
