@@ -187,6 +187,13 @@ async def test_content_filter_refusal_keeps_the_categories(client, fake_azure):
     assert "sexual" not in error["message"]  # not filtered
 
 
+async def test_only_known_filter_words_reach_the_message(client, fake_azure):
+    results = {"violence": {"filtered": True, "severity": FakeUpstream.key}, "hate": {"filtered": "yes", "severity": "high"}, "made_up <b>": {"filtered": True}}
+    fake_azure.cue(status=400, body={"error": {"code": "contentFilter", "message": None, "inner_error": {"code": "ResponsibleAIPolicyViolation", "content_filter_results": results}}})
+    error = await assert_error(await post(client, {"model": "azure-dall-e-3", "prompt": "p"}), 400, "content_policy_violation")
+    assert error["message"] == "The provider 'azure' refused the request with HTTP 400. Filtered categories: violence."
+
+
 async def test_an_image_withheld_by_the_output_filter(client, fake_azure, tmp_path):
     error = await assert_error(await post(client, {"model": "azure-dall-e-3", "prompt": "withheld"}), 400, "content_policy_violation")
     assert "sexual (medium)" in error["message"]
