@@ -87,12 +87,25 @@ class CustomSizes:
     min: int
     max: int
     multiple_of: int
+    # Optional further limits (GPT image 2: at most 3840x2160 worth of pixels, 1:3 to 3:1).
+    max_pixels: int | None = None
+    max_ratio: float | None = None
 
     def allows(self, width: int, height: int) -> bool:
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            return False
+        if self.max_ratio is not None and max(width, height) > self.max_ratio * min(width, height):
+            return False
         return all(self.min <= side <= self.max and side % self.multiple_of == 0 for side in (width, height))
 
     def describe(self) -> str:
-        return f"any WIDTHxHEIGHT with sides from {self.min} to {self.max} in steps of {self.multiple_of}"
+        limits = "".join(
+            (
+                f", at most {self.max_pixels} pixels" if self.max_pixels is not None else "",
+                f", no side more than {self.max_ratio:g} times the other" if self.max_ratio is not None else "",
+            )
+        )
+        return f"any WIDTHxHEIGHT with sides from {self.min} to {self.max} in steps of {self.multiple_of}{limits}"
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,10 @@ class Gateway:
         for contributed in pm.hook.imgproxy_config_schema(key_settings=key_settings):
             sections.update(contributed or {})
         config = parse_config(text, source=source, env=env, extra_sections=sections, provider_types=adapters)
-        gateway = cls(config, pm, adapters, shared)
+        try:
+            gateway = cls(config, pm, adapters, shared)
+        except ConfigError as exc:  # an adapter's check of its options, made without the file's name
+            raise ConfigError(source, exc.path, exc.problem) from None
         try:
             await asyncio.to_thread(gateway.store.check)
         except UnsafeStore as exc:

@@ -25,20 +25,25 @@ class OpenAIProvider(Provider):
 
     async def generate(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult | StreamedReply:
         key = self.require_key(request.model)
-        url = f"{self.config.base_url}/images/generations"
         resp = await self.upstream.send(
             call,
             self.config,
             "POST",
-            url,
+            self.endpoint(target),
             json=self.build_body(request, target, plan.upstream_format),
-            headers={"Authorization": f"Bearer {key}"},
+            headers=self.auth_headers(key),
         )
         try:
             return await self.answer(request, plan, resp)
         except BaseException:
             resp.release()
             raise
+
+    def endpoint(self, target: Target) -> str:
+        return f"{self.config.base_url}/images/generations"
+
+    def auth_headers(self, key: str) -> dict:
+        return {"Authorization": f"Bearer {key}"}
 
     async def answer(self, request: ImageRequest, plan: Plan, resp) -> ImagesResult | StreamedReply:
         if resp.status != 200:
