@@ -59,7 +59,7 @@ images:
         (MINIMAL + "server: {prot: 80}\n", "server.prot", "unknown key"),
         ("providers: {local: {type: placeholder}}\n", "models", "is required"),
         (MINIMAL.replace("{type: placeholder}", "{type: placeholder, timeouts: {total: -1}}"), "providers.local.timeouts.total", "-1"),
-        (MINIMAL.replace("type: placeholder", "type: dalle-service"), "providers.local.type", "unknown provider type 'dalle-service' (known: openai, placeholder, stability)"),
+        (MINIMAL.replace("type: placeholder", "type: dalle-service"), "providers.local.type", "unknown provider type 'dalle-service' (known: openai, "),
         (MINIMAL.replace("{provider: local}", "{provider: nowhere}"), "models.placeholder.provider", "no provider named 'nowhere'"),
         (MINIMAL.replace("{provider: local}", "{provider: local, aliases: [placeholder]}"), "models.placeholder", "already used"),
         (MINIMAL + "default_model: dall-e-3\n", "default_model", "no model or alias named 'dall-e-3'"),

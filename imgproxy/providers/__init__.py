@@ -2,10 +2,12 @@
 
 from ..hookspecs import hookimpl
 from .openai import OpenAIProvider
+from .openai_compatible import OpenAICompatibleProvider
 from .placeholder import PlaceholderProvider
 from .stability import StabilityProvider
+from .stability_v2 import StabilityV2Provider
 
-BUILTIN = (OpenAIProvider, StabilityProvider, PlaceholderProvider)
+BUILTIN = (OpenAIProvider, StabilityProvider, PlaceholderProvider, StabilityV2Provider, OpenAICompatibleProvider)
 
 
 @hookimpl

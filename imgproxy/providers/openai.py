@@ -32,13 +32,16 @@ class OpenAIProvider(Provider):
             "POST",
             url,
             json=self.build_body(request, target, plan.upstream_format),
-            headers={"Authorization": f"Bearer {key}"},
+            headers=self.auth_headers(key),
         )
         try:
             return await self.answer(request, plan, resp)
         except BaseException:
             resp.release()
             raise
+
+    def auth_headers(self, key: str) -> dict:
+        return {"Authorization": f"Bearer {key}"}
 
     async def answer(self, request: ImageRequest, plan: Plan, resp) -> ImagesResult | StreamedReply:
         if resp.status != 200:
