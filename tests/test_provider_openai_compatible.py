@@ -155,7 +155,7 @@ async def test_content_policy_violation_through_the_second_gateway(compat_client
     assert "safety system" in error["message"]
 
 
-async def test_rejected_key_is_502(compat_client, caplog):
+async def test_rejected_key_is_502(compat_client):
     client = await compat_client(api_key="sk-not-the-second-gateways-key")
     await assert_error(await client.post(URL, json={"model": "dall-e-2", "prompt": "x"}, headers=AUTH), 502, "upstream_auth_failed")
 

@@ -113,9 +113,10 @@ async def test_parameters_translated(v2_client, fake_v2):
     "body, code, param",
     [
         ({"model": "core", "prompt": "x", "quality": "hd"}, "unsupported_parameter", "quality"),
-        ({"model": "sd3.5-medium", "prompt": "x", "output_format": "webp"}, "invalid_output_format", "output_format"),
+        ({"model": "sd3.5-medium", "prompt": "x", "output_format": "webp"}, "invalid_value", "output_format"),
         ({"model": "core", "prompt": "x", "background": "transparent"}, "unsupported_parameter", "background"),
         ({"model": "core", "prompt": "x", "output_compression": 50}, "unsupported_parameter", "output_compression"),
+        ({"model": "core", "prompt": "x", "stream": True, "response_format": "b64_json"}, "unsupported_parameter", "stream"),
         ({"model": "core", "prompt": "x", "n": 11}, "invalid_value", "n"),
         ({"model": "core", "prompt": "x", "size": "auto"}, "invalid_size", "size"),
         ({"model": "core", "prompt": "x" * 10001}, "string_above_max_length", "prompt"),
@@ -177,6 +178,7 @@ async def test_rate_limit_is_429_with_retry_after(v2_client, fake_v2, retry_afte
         ({"status": 503, "body": b"<html>Service Unavailable</html>", "content_type": "text/html"}, "upstream_error"),
         ({"status": 200, "body": b"<html>not json</html>", "content_type": "application/json"}, "upstream_bad_response"),
         ({"status": 200, "body": {"seed": 1, "finish_reason": "SUCCESS"}}, "upstream_bad_response"),  # no image
+        ({"status": 200, "body": {"image": "not base64!", "seed": 1, "finish_reason": "SUCCESS"}}, "upstream_bad_response"),
         ({"status": 200, "cut": True}, "upstream_bad_response"),
     ],
 )
@@ -233,3 +235,13 @@ async def test_default_host_is_stability(tmp_path):
     assert adapter.config.egress.target(url) == url
     with pytest.raises(UrlRefused):
         adapter.config.egress.target("https://elsewhere.example/v2beta/stable-image/generate/core")
+
+
+async def test_calls_waiting_for_their_turn_share_the_attempts_time(v2_client, fake_v2, tmp_path):
+    # Eight calls, four at a time, each answered after 1.5 s, within 2.5 s for the attempt: the
+    # second four have 1 s left and time out (each on its own clock they would all succeed).
+    client = await v2_client(total=2.5)
+    fake_v2.delay = 1.5
+    resp = await client.post(URL, json={"model": "core", "prompt": "x", "n": 8, "response_format": "b64_json"}, headers=AUTH)
+    assert len((await images_body(resp))["data"]) == 4
+    assert resp.headers["x-imgproxy-cost-usd"] == "0.120000"

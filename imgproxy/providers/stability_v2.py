@@ -35,7 +35,7 @@ ASPECT_RATIOS = {
     "4:5": 4 / 5, "2:3": 2 / 3, "9:16": 9 / 16, "9:21": 9 / 21,
 }
 # upstream_model → endpoint; any other upstream_model is an SD3 model id sent as `model`.
-ENDPOINTS = {"stable-image-ultra": "ultra", "ultra": "ultra", "stable-image-core": "core", "core": "core"}
+ENDPOINTS = {"stable-image-ultra": "ultra", "stable-image-core": "core"}
 SD3_FORMATS = ("png", "jpeg")
 STYLE_PRESETS = {"vivid": "enhance", "natural": "photographic"}
 FAN_OUT = 4  # calls in flight for one request (Stability allows 150 per 10 s per account)
@@ -69,7 +69,7 @@ class StabilityV2Provider(Provider):
         output_format = request.options.get("output_format", "png")
         if endpoint == "sd3" and output_format not in SD3_FORMATS:
             raise invalid_request(
-                f"Invalid output_format for {request.model}: must be png or jpeg.", param="output_format", code="invalid_output_format"
+                f"Invalid output_format for {request.model}: must be png or jpeg.", param="output_format", code="invalid_value"
             )
         fields = self.form_fields(request, upstream_model if endpoint == "sd3" else None, output_format)
         headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
@@ -77,10 +77,18 @@ class StabilityV2Provider(Provider):
             headers["stability-client-user-id"] = request.user
         url = f"{self.config.base_url}/v2beta/stable-image/generate/{endpoint}"
         gate = asyncio.Semaphore(FAN_OUT)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + call.timeout  # the attempt's time, shared by all its calls
 
         async def one():
             async with gate:
-                return await self.one_image(call, url, fields, dict(headers), CONTENT_TYPES[output_format])
+                left = deadline - loop.time()
+                if left <= 0:  # never sent: nothing generated
+                    raise upstream_error(
+                        f"The provider '{self.config.name}' did not answer within {call.timeout:g} seconds.",
+                        status=504, code="upstream_timeout", kind="timeout", produced_nothing=True,
+                    )
+                return await self.one_image(call, url, fields, dict(headers), CONTENT_TYPES[output_format], left)
 
         # Every call is awaited to its end, failed or not: an image already paid for is kept.
         results = await asyncio.gather(*(one() for _ in range(request.n)), return_exceptions=True)
@@ -94,9 +102,9 @@ class StabilityV2Provider(Provider):
             fields.append(("style_preset", STYLE_PRESETS[request.style]))
         return fields
 
-    async def one_image(self, call: UpstreamCall, url: str, fields, headers: dict, content_type: str):
+    async def one_image(self, call: UpstreamCall, url: str, fields, headers: dict, content_type: str, timeout: float):
         form = aiohttp.FormData(fields, default_to_multipart=True)  # one per call: a FormData is consumed
-        async with self.upstream.request(call, self.config, "POST", url, data=form, headers=headers) as resp:
+        async with self.upstream.request(call, self.config, "POST", url, timeout=timeout, data=form, headers=headers) as resp:
             body = await self.upstream.read_json(resp, self.config) if resp.content_type == "application/json" else {}
         if resp.status != 200:
             raise self.map_error(resp.status, body, resp.headers.get("Retry-After"))
