@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from imgproxy.config import ConfigError
 from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
 from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body, serve_fake
@@ -192,3 +193,16 @@ async def test_usage_record_costs_what_was_delivered(compat_client, tmp_path):
     await images_body(await client.post(URL, json={"model": "dall-e-2", "prompt": "x", "n": 2, "size": "256x256"}, headers=AUTH))
     await client.close()
     assert [(r["model"], r["images"], r["cost_usd"]) for r in records(tmp_path)] == [("flux", 3, 0.009), ("dall-e-2", 2, 0.032)]
+
+
+@pytest.mark.parametrize("options", ['{key_header: "X-Key\\r\\nX-Injected: 1"}', '{key_header: "Bad Header"}', '{key_prefix: "Bearer\\n"}'])
+async def test_a_key_header_that_would_split_the_request_is_a_config_error(options):
+    text = f"""
+providers:
+  host: {{type: openai_compatible, base_url: "https://images.example/v1", api_key: k, options: {options}}}
+models:
+  m: {{provider: host}}
+"""
+    with pytest.raises(ConfigError) as caught:
+        await Gateway.load(text=text, env={})
+    assert caught.value.path == "providers.host.options." + options[1:].split(":")[0]

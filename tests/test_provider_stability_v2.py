@@ -105,8 +105,8 @@ async def test_parameters_translated(v2_client, fake_v2):
     assert fake_v2.endpoints == ["sd3", "ultra"]
     assert sd3 == {"prompt": "x", "aspect_ratio": "1:1", "output_format": "jpeg", "mode": "text-to-image", "model": "sd3.5-large-turbo", "style_preset": "photographic"}
     assert ultra["style_preset"] == "enhance" and ultra["output_format"] == "webp" and "model" not in ultra
-    # The end-user id goes in Stability's header for it, as imgproxy's privacy settings left it.
-    assert fake_v2.headers[0]["stability-client-user-id"] and "stability-client-user-id" not in fake_v2.headers[1]
+    # The end-user id goes in Stability's header for it, as the OpenAI adapter passes `user`.
+    assert fake_v2.headers[0]["stability-client-user-id"] == "end-user-7" and "stability-client-user-id" not in fake_v2.headers[1]
 
 
 @pytest.mark.parametrize(
@@ -245,3 +245,10 @@ async def test_calls_waiting_for_their_turn_share_the_attempts_time(v2_client, f
     resp = await client.post(URL, json={"model": "core", "prompt": "x", "n": 8, "response_format": "b64_json"}, headers=AUTH)
     assert len((await images_body(resp))["data"]) == 4
     assert resp.headers["x-imgproxy-cost-usd"] == "0.120000"
+
+
+async def test_an_upstream_refusal_keeps_its_name_and_words_but_never_the_key(v2_client, fake_v2):
+    client = await v2_client()
+    fake_v2.cue(status=400, body={"id": "x", "name": "bad_request", "errors": [f"aspect_ratio: invalid (key {FakeUpstream.key})"]})
+    error = await assert_error(await client.post(URL, json={"model": "core", "prompt": "x"}, headers=AUTH), 400, "bad_request")
+    assert "aspect_ratio: invalid" in error["message"] and FakeUpstream.key not in error["message"]
