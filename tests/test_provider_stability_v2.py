@@ -72,10 +72,12 @@ async def test_reference_example(v2_client, fake_v2, response_format):
             assert resp.status == 200 and await resp.read() == FAKE_PNG
         else:
             assert base64.b64decode(item["b64_json"]) == FAKE_PNG
-    # One image per call: two calls, each a text-to-image request for 1:1 as base64 JSON.
+    # One image per call: two calls, each a text-to-image request for 1:1, as base64 JSON or,
+    # for images the gateway hosts, as bytes.
     assert fake_v2.endpoints == ["core", "core"]
     assert all(form == {"prompt": "A cute baby sea otter", "aspect_ratio": "1:1", "output_format": "png"} for form in fake_v2.requests)
-    assert all(h["Accept"] == "application/json" and h["Authorization"] == f"Bearer {FakeUpstream.key}" for h in fake_v2.headers)
+    accept = "image/*" if response_format == "url" else "application/json"
+    assert all(h["Accept"] == accept and h["Authorization"] == f"Bearer {FakeUpstream.key}" for h in fake_v2.headers)
 
 
 async def test_openai_sdk(v2_client, fake_v2, sdk_for):
@@ -180,12 +182,16 @@ async def test_rate_limit_is_429_with_retry_after(v2_client, fake_v2, retry_afte
         ({"status": 200, "body": {"seed": 1, "finish_reason": "SUCCESS"}}, "upstream_bad_response"),  # no image
         ({"status": 200, "body": {"image": "not base64!", "seed": 1, "finish_reason": "SUCCESS"}}, "upstream_bad_response"),
         ({"status": 200, "cut": True}, "upstream_bad_response"),
+        ({"status": 200, "cut": True, "content_type": "image/png"}, "upstream_bad_response"),
+        ({"status": 200, "body": b"", "content_type": "image/png", "headers": {"finish-reason": "SUCCESS"}}, "upstream_bad_response"),
     ],
 )
-async def test_server_errors_garbage_and_cuts_are_502(v2_client, fake_v2, tmp_path, cue, code):
+@pytest.mark.parametrize("response_format", ["url", "b64_json"])
+async def test_server_errors_garbage_and_cuts_are_502(v2_client, fake_v2, tmp_path, cue, code, response_format):
     client = await v2_client()
     fake_v2.cue(**cue)
-    await assert_error(await client.post(URL, json={"model": "core", "prompt": "x"}, headers=AUTH), 502, code)
+    body = {"model": "core", "prompt": "x", "response_format": response_format}
+    await assert_error(await client.post(URL, json=body, headers=AUTH), 502, code)
     await client.close()
     assert records(tmp_path)[0]["cost_usd"] == 0.0
 

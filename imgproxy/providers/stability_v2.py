@@ -5,8 +5,9 @@ One image per call: n > 1 becomes n calls, at most FAN_OUT at a time, whose imag
 Mapping: size → aspect_ratio (the nearest of Stability's nine ratios: ASPECT_RATIOS),
 output_format passed (SD3.5 has no webp: refused), style vivid/natural → style_preset
 enhance/photographic, user → the stability-client-user-id header; quality has no counterpart
-(the catalog refuses it). Images come back as base64 JSON (Accept: application/json); one with
-finish_reason CONTENT_FILTERED is blurred, so it is withheld.
+(the catalog refuses it). An image with finish_reason CONTENT_FILTERED is blurred, so it is
+withheld. Images come back as base64 JSON (Accept: application/json), or as bytes (Accept:
+image/*) when the gateway will host them anyway: a third fewer bytes and no base64 to decode.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..errors import GatewayError, UpstreamError, invalid_request, upstream_erro
 from ..messages import GeneratedImage, ImageRequest, ImagesResult
 from ..plan import Plan
 from ..routing import Target
-from ..upstream import UpstreamCall
+from ..upstream import MAX_JSON_BYTES, UpstreamCall
 from .base import Provider, log
 from .openai import CONTENT_TYPES, RETRY_AFTER
 
@@ -72,7 +73,7 @@ class StabilityV2Provider(Provider):
                 f"Invalid output_format for {request.model}: must be png or jpeg.", param="output_format", code="invalid_value"
             )
         fields = self.form_fields(request, upstream_model if endpoint == "sd3" else None, output_format)
-        headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
+        headers = {"Authorization": f"Bearer {key}", "Accept": "image/*" if plan.decode_inline else "application/json"}
         if request.user is not None and _HEADER_SAFE.fullmatch(request.user):
             headers["stability-client-user-id"] = request.user
         url = f"{self.config.base_url}/v2beta/stable-image/generate/{endpoint}"
@@ -104,15 +105,31 @@ class StabilityV2Provider(Provider):
 
     async def one_image(self, call: UpstreamCall, url: str, fields, headers: dict, content_type: str, timeout: float):
         form = aiohttp.FormData(fields, default_to_multipart=True)  # one per call: a FormData is consumed
+        raw = None
         async with self.upstream.request(call, self.config, "POST", url, timeout=timeout, data=form, headers=headers) as resp:
-            body = await self.upstream.read_json(resp, self.config) if resp.content_type == "application/json" else {}
+            if resp.status == 200 and headers["Accept"] == "image/*" and resp.content_type == content_type:
+                raw = await self.read_image(resp)
+                body = {"finish_reason": resp.headers.get("finish-reason")}
+            else:
+                body = await self.upstream.read_json(resp, self.config) if resp.content_type == "application/json" else {}
         if resp.status != 200:
             raise self.map_error(resp.status, body, resp.headers.get("Retry-After"))
         if body.get("finish_reason") == "CONTENT_FILTERED":
             return _FILTERED
-        if body.get("finish_reason") != "SUCCESS" or not isinstance(body.get("image"), str):
+        if body.get("finish_reason") != "SUCCESS" or not (raw or isinstance(body.get("image"), str)):
             raise upstream_error(f"The provider '{self.config.name}' generated no usable image.")
+        if raw is not None:
+            return GeneratedImage(data=raw, content_type=content_type)
         return GeneratedImage(b64_json=body["image"], content_type=content_type)
+
+    async def read_image(self, resp) -> bytearray:
+        """The image bytes, bounded (a cut or a timeout while reading is mapped by the exchange)."""
+        data = bytearray()
+        async for chunk in resp.content.iter_any():
+            data += chunk
+            if len(data) > MAX_JSON_BYTES:
+                raise upstream_error(f"The provider '{self.config.name}' sent an image larger than this gateway takes.")
+        return data
 
     def merge(self, results: list, n: int) -> ImagesResult:
         """The images of the calls that delivered one. If none did, the error that says most:
