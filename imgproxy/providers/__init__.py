@@ -5,11 +5,14 @@ from .azure_openai import AzureOpenAIProvider
 from .bfl import BflProvider
 from .google import GoogleGenAIProvider, VertexAIProvider
 from .openai import OpenAIProvider
+from .openai_compatible import OpenAICompatibleProvider
 from .placeholder import PlaceholderProvider
 from .stability import StabilityProvider
+from .stability_v2 import StabilityV2Provider
 
 BUILTIN = (
-    OpenAIProvider, AzureOpenAIProvider, StabilityProvider, PlaceholderProvider, BflProvider, GoogleGenAIProvider, VertexAIProvider,
+    OpenAIProvider, AzureOpenAIProvider, OpenAICompatibleProvider, StabilityProvider, StabilityV2Provider, PlaceholderProvider,
+    BflProvider, GoogleGenAIProvider, VertexAIProvider,
 )
 
 
