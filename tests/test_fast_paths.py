@@ -1,0 +1,121 @@
+"""The request path's shortcuts for the common case decide exactly what the general path decides.
+
+Each shortcut is compared with the general path it stands in for, on the inputs an upstream or
+a client could send to tell them apart (hostile ones included), and shown to be taken at all.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from imgproxy.inline_images import MAX_SKELETON, AnswerCheck, InlineImageError
+
+SETTINGS = settings(max_examples=600, derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+USAGE = {"total_tokens": 3, "input_tokens": 1, "output_tokens": 2, "input_tokens_details": {"text_tokens": 1, "image_tokens": 0}}
+
+# -- AnswerCheck: an answer whole in its first read is checked in one parse ------------------
+
+scalars = st.none() | st.booleans() | st.integers() | st.sampled_from([2**63, -(2**63) - 1, 10**40, 1.5, 1e308]) | st.text(max_size=6)
+items = st.fixed_dictionaries(
+    {},
+    optional={
+        "url": st.sampled_from(["https://cdn.example/1.png", 7, None]),
+        "b64_json": st.sampled_from(["aGk=", "", "aGk", None, 1]),
+        "revised_prompt": st.sampled_from(['a "}]} \\ \\"{ b64_json"', "\ud800", 3]) | st.text(max_size=8),
+    },
+)
+answers = st.fixed_dictionaries(
+    {},
+    optional={
+        "created": st.just(1713833628) | st.integers(-(2**64), 2**64) | st.sampled_from(["1", 1.0]),
+        "data": st.lists(items, max_size=4) | scalars,
+        "usage": st.sampled_from([USAGE, {**USAGE, "total_tokens": -1}, {"total_tokens": 1}, [USAGE]]),
+        "quality": st.sampled_from(["high", "ultra", 1]),
+        "size": st.sampled_from(["1024x1024", "7x7"]),
+        "extra": scalars | st.sampled_from([{"b64_json": "aGk="}, {"b64_json": None}]),
+    },
+)
+# Ways the bytes can differ from the plain dump: what json.dumps cannot write, and framing.
+MANGLE = {
+    "none": lambda raw: raw,
+    "pretty": lambda raw: json.dumps(json.loads(raw), indent=1).encode() + b"\n",
+    "escaped-key": lambda raw: raw.replace(b'"b64_json"', b'"b64\\u005fjson"'),
+    "nan": lambda raw: raw.replace(b'"created": ', b'"created": NaN, "c": ', 1),
+    "infinity": lambda raw: raw.replace(b'"created": ', b'"created": 1e999, "c": ', 1),
+    "deep": lambda raw: raw[:-1] + b', "deep": ' + b"[" * 70 + b"]" * 70 + b"}",
+    "lone-surrogate": lambda raw: raw[:-1] + b', "s": "\\ud800"}',
+    "after": lambda raw: raw + b' {"more": 1}',
+    "array": lambda raw: b"[" + raw + b"]",
+    "cut": lambda raw: raw[:-2],
+    "bad-utf8": lambda raw: raw[:-1] + b', "s": "\xff"}',
+    "duplicate-data": lambda raw: raw[:-1] + b', "data": []}',
+}
+
+
+def verdict(pieces: list[bytes], n: int, want: str):
+    """What AnswerCheck says of an answer read in these pieces: the fault, or what it counts."""
+    check = AnswerCheck(n, want)
+    try:
+        for piece in pieces:
+            check.feed(piece)
+        check.finish()
+    except InlineImageError:
+        return "refused"
+    return check.images, check.usage
+
+
+@SETTINGS
+@given(answer=answers, mangle=st.sampled_from(sorted(MANGLE)), n=st.integers(1, 3), want=st.sampled_from(["url", "b64_json"]))
+@example(answer={"created": 1, "data": [{"url": "https://cdn.example/1.png"}]}, mangle="escaped-key", n=1, want="url")
+@example(answer={"created": 1, "data": [{"b64_json": "aGk="}]}, mangle="escaped-key", n=1, want="b64_json")
+@example(answer={"created": 1, "data": [{"url": "https://cdn.example/1.png"}], "extra": {"b64_json": None}}, mangle="none", n=1, want="url")
+@example(answer={"created": 1, "data": [{"b64_json": "aGk="}]}, mangle="none", n=1, want="b64_json")
+@example(answer={"created": 1, "data": [{"b64_json": "aGk"}]}, mangle="none", n=1, want="b64_json")
+@example(answer={"created": 1, "data": [{"b64_json": "aGk="}], "extra": {"b64_json": "aGk="}}, mangle="none", n=2, want="b64_json")
+def test_an_answer_in_one_read_is_judged_as_when_read_in_pieces(answer, mangle, n, want):
+    raw = MANGLE[mangle](json.dumps(answer).encode())
+    # The first piece of one byte is never a whole answer: the piece-by-piece reader decides.
+    assert verdict([raw], n, want) == verdict([raw[:1], raw[1:]], n, want)
+    assert verdict([raw, b" \n"], n, want) == verdict([raw[:1], raw[1:], b" \n"], n, want)
+
+
+def test_a_small_url_answer_takes_the_shortcut_and_is_still_checked():
+    good = json.dumps({"created": 1, "data": [{"url": "https://cdn.example/1.png"}], "usage": USAGE}).encode() + b"\n"
+    check = AnswerCheck(1, "url")
+    check.feed(good)
+    assert check.ended and check._whole is not None  # decided by the one parse, not the reader
+    check.feed(b"  \r\n")  # whitespace after the object is still JSON
+    check.finish()
+    assert (check.images, check.usage) == (1, USAGE)
+    # Its faults are seen in that first read, before a status goes out.
+    for bad, n in [
+        (json.dumps({"created": 1, "data": [{"url": "https://a/1.png"}, {"url": "https://a/2.png"}]}).encode(), 1),
+        (json.dumps({"created": 2**63, "data": []}).encode(), 1),
+        (json.dumps({"created": 1, "data": [{"url": "https://a/1.png", "b64\\u005fjson": "aGk="}]}).encode().replace(b"\\\\", b"\\"), 1),
+        (json.dumps({"created": 1, "data": [], "usage": {"total_tokens": 1}}).encode(), 1),
+    ]:
+        with pytest.raises(InlineImageError):
+            AnswerCheck(n, "url").feed(bad)
+
+
+def test_what_follows_a_whole_first_read_is_still_checked():
+    good = json.dumps({"created": 1, "data": [{"url": "https://cdn.example/1.png"}]}).encode()
+    check = AnswerCheck(1, "url")
+    check.feed(good)
+    with pytest.raises(InlineImageError):
+        check.feed(b' {"data": []}')
+    # Endless whitespace is held to the skeleton's bound, as when read piece by piece.
+    check = AnswerCheck(1, "url")
+    check.feed(good)
+    with pytest.raises(InlineImageError):
+        for _ in range(MAX_SKELETON // 65536 + 1):
+            check.feed(b" " * 65536)
+
+
+def test_a_whole_first_read_is_held_to_the_skeletons_bound():
+    raw = json.dumps({"created": 1, "data": [{"url": "https://cdn.example/1.png", "revised_prompt": "x" * MAX_SKELETON}]}).encode()
+    assert verdict([raw], 1, "url") == verdict([raw[:1], raw[1:]], 1, "url") == "refused"
