@@ -275,20 +275,27 @@ class CostPlugin:
             **({"cut": True} if outcome.cut else {}),
         }
 
-    def pending_record(self, ctx, worst: float) -> dict:
-        """What is written if this request's replica dies before settling it."""
-        return {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "request_id": ctx.request_id,
-            "key": ctx.identity.name,
-            "model": ctx.route.model.name,
-            "provider": ctx.route.provider.name,
-            "n": ctx.request.n,
-            "size": ctx.request.size,
-            "quality": ctx.request.quality,
-            "cost_usd": round(worst, 6),
-            "user": ctx.user_hash,
-        }
+    def pending_record(self, ctx, worst: float):
+        """What is written if this request's replica dies before settling it, as a function that
+        makes it: the memory backend needs it only if a sweeper claims the reservation. It keeps
+        values taken now, not the context (which would then refer to itself through scratch)."""
+        at, request_id, key, route, request, user = time.time(), ctx.request_id, ctx.identity.name, ctx.route, ctx.request, ctx.user_hash
+
+        def record() -> dict:
+            return {
+                "time": datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="milliseconds"),
+                "request_id": request_id,
+                "key": key,
+                "model": route.model.name,
+                "provider": route.provider.name,
+                "n": request.n,
+                "size": request.size,
+                "quality": request.quality,
+                "cost_usd": round(worst, 6),
+                "user": user,
+            }
+
+        return record
 
     def write(self, record: dict) -> None:
         if self.usage_log is not None:

@@ -6,13 +6,17 @@ a client could send to tell them apart (hostile ones included), and shown to be 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from datetime import datetime, timezone
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from imgproxy.inline_images import MAX_SKELETON, AnswerCheck, InlineImageError
+from tests.conftest import AUTH, images_body
 
 SETTINGS = settings(max_examples=600, derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 USAGE = {"total_tokens": 3, "input_tokens": 1, "output_tokens": 2, "input_tokens_details": {"text_tokens": 1, "image_tokens": 0}}
@@ -119,3 +123,33 @@ def test_what_follows_a_whole_first_read_is_still_checked():
 def test_a_whole_first_read_is_held_to_the_skeletons_bound():
     raw = json.dumps({"created": 1, "data": [{"url": "https://cdn.example/1.png", "revised_prompt": "x" * MAX_SKELETON}]}).encode()
     assert verdict([raw], 1, "url") == verdict([raw[:1], raw[1:]], 1, "url") == "refused"
+
+
+# -- Pending records: the memory backend makes one only when a sweep claims it --------------
+
+
+async def test_a_memory_reservation_claimed_by_a_sweep_has_the_requests_record(make_client, fake_openai, tmp_path):
+    usage = tmp_path / "usage.jsonl"
+    client = await make_client(extra=f"cost: {{usage_log: {usage}}}")
+    state = client.gateway.state
+    fake_openai.delay = 0.5
+    body = {"model": "dall-e-2", "prompt": "x", "size": "256x256", "n": 2, "user": "end-user-1"}
+    before = datetime.now(timezone.utc)
+    call = asyncio.ensure_future(client.post("/v1/images/generations", json=body, headers={**AUTH, "x-request-id": "slow-1"}))
+    while not fake_openai.requests:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    claimed_at = datetime.now(timezone.utc)
+    state.clock = lambda: time.time() + 10_000  # past every deadline: as if the call had hung
+    [record] = await state.claim_expired()
+    assert record.pop("user") not in (None, "end-user-1")  # hashed, as in every record
+    assert before <= datetime.fromisoformat(record.pop("time")) <= claimed_at  # when it was reserved, not claimed
+    assert record == {
+        "request_id": "slow-1", "key": "team-a", "model": "dall-e-2", "provider": "openai", "n": 2, "size": "256x256",
+        "quality": "standard", "cost_usd": 0.032,
+    }
+    await images_body(await call)
+    # Billed once: by the claim, at its worst case; the request's own record says so.
+    [line] = usage.read_text().splitlines()
+    assert json.loads(line)["recovered_already"] is True
+    assert await state.claim_expired() == []
