@@ -13,9 +13,13 @@ from datetime import datetime, timezone
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
+from aiohttp import web
 from hypothesis import strategies as st
 
+from imgproxy.config import ServerConfig
 from imgproxy.inline_images import MAX_SKELETON, AnswerCheck, InlineImageError
+from imgproxy.listener import GuardedRunner, Listener
+from imgproxy.metrics import Metrics
 from tests.conftest import AUTH, images_body
 
 SETTINGS = settings(max_examples=600, derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -153,3 +157,75 @@ async def test_a_memory_reservation_claimed_by_a_sweep_has_the_requests_record(m
     [line] = usage.read_text().splitlines()
     assert json.loads(line)["recovered_already"] is True
     assert await state.claim_expired() == []
+
+
+# -- The listener: a request whose headers come whole in one read starts no timer ------------
+
+LIMIT = 512  # few enough short header lines for aiohttp to parse them (it allows 128)
+
+
+@pytest.fixture
+async def guarded():
+    """A guarded port in this process (max_header_bytes LIMIT, header_timeout 0.5 s) serving
+    GET /ok; yields its listener and port."""
+    app = web.Application()
+    async def ok(request):
+        return web.Response(text="ok")
+
+    app.router.add_get("/ok", ok)
+    listener = Listener("api", 100, ServerConfig(max_header_bytes=LIMIT, header_timeout=0.5), Metrics())
+    runner = GuardedRunner(app, listener, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield listener, runner.addresses[0][1]
+    await runner.cleanup()
+
+
+def head(size: int, shape: str) -> bytes:
+    """A GET whose request line and headers are about `size` bytes: one long header, or as many
+    of the shortest header lines as fit (each 4 bytes, estimated 5)."""
+    start = "GET /ok HTTP/1.1\r\nHost: g\r\n"
+    if shape == "long":
+        return (start + f"X-Fill: {'v' * max(0, size - len(start) - 10)}\r\n\r\n").encode()
+    return (start + "a:\r\n" * max(0, (size - len(start)) // 4) + "\r\n").encode()
+
+
+async def status_of(reader, writer, raw: bytes) -> int:
+    writer.write(raw)
+    line = await asyncio.wait_for(reader.readline(), 5)
+    status = int(line.split()[1])
+    while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b""):
+        pass
+    if status == 200:
+        await asyncio.wait_for(reader.readexactly(2), 5)  # "ok"
+    return status
+
+
+@pytest.mark.parametrize("shape", ["long", "tiny"])
+@pytest.mark.parametrize("size, expected", [(100, 200), (LIMIT // 2, 200), (LIMIT * 3 // 4, 200), (LIMIT + 200, 431), (LIMIT * 2 - 100, 431)])
+async def test_headers_in_one_read_are_held_to_the_limit_on_every_request_of_a_connection(guarded, size, expected, shape):
+    listener, port = guarded
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        # The first request (waited for since the connection opened), a kept-alive one, and
+        # one pipelined behind it in the same read.
+        assert await status_of(reader, writer, b"GET /ok HTTP/1.1\r\nHost: g\r\n\r\n") == 200
+        assert await status_of(reader, writer, head(size, shape)) == expected
+        if expected == 200:
+            assert await status_of(reader, writer, b"GET /ok HTTP/1.1\r\nHost: g\r\n\r\n" + head(size, shape)) == 200
+            assert await status_of(reader, writer, b"") == expected
+    finally:
+        writer.close()
+    assert listener.open <= 1
+
+
+async def test_headers_that_stop_short_still_meet_the_deadline(guarded):
+    listener, port = guarded
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert await status_of(reader, writer, b"GET /ok HTTP/1.1\r\nHost: g\r\n\r\n") == 200
+        # Kept alive, then half a request: its deadline starts with its first byte.
+        assert await status_of(reader, writer, b"GET /ok HTTP/1.1\r\nHost: g\r\n") == 408
+    finally:
+        writer.close()
