@@ -17,9 +17,11 @@ from aiohttp import web
 from hypothesis import strategies as st
 
 from imgproxy.config import ServerConfig
+from imgproxy.hookspecs import hookimpl
 from imgproxy.inline_images import MAX_SKELETON, AnswerCheck, InlineImageError
 from imgproxy.listener import GuardedRunner, Listener
 from imgproxy.metrics import Metrics
+from imgproxy.pluginmanager import DEFAULT_PLUGINS, Hooks, build_plugin_manager
 from tests.conftest import AUTH, images_body
 
 SETTINGS = settings(max_examples=600, derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -229,3 +231,50 @@ async def test_headers_that_stop_short_still_meet_the_deadline(guarded):
         assert await status_of(reader, writer, b"GET /ok HTTP/1.1\r\nHost: g\r\n") == 408
     finally:
         writer.close()
+
+
+# -- Hooks: arguments picked per implementation once, not per call ---------------------------
+
+
+async def test_each_implementation_gets_the_arguments_it_names_in_its_order():
+    seen = []
+
+    class Reversed:
+        @hookimpl
+        async def imgproxy_record_usage(self, outcome, ctx):
+            seen.append(("reversed", outcome, ctx))
+
+    class Partial:
+        @hookimpl
+        def imgproxy_record_usage(self, outcome):
+            seen.append(("partial", outcome))
+
+    class Nothing:
+        @hookimpl
+        def imgproxy_record_usage(self):
+            seen.append(("nothing",))
+
+    class Failing:
+        @hookimpl
+        def imgproxy_record_usage(self, ctx, outcome):
+            seen.append(("failing", ctx, outcome))
+            raise RuntimeError("a guarded hook goes on")
+
+    hooks = Hooks(build_plugin_manager(disable=tuple(DEFAULT_PLUGINS), extra=(Reversed, Partial, Nothing, Failing)))
+    await hooks.call("imgproxy_record_usage", ctx="the ctx", outcome="the outcome")
+    assert seen == [("failing", "the ctx", "the outcome"), ("nothing",), ("partial", "the outcome"), ("reversed", "the outcome", "the ctx")]
+
+    class Second:
+        @hookimpl
+        def imgproxy_configure(self, gateway):
+            seen.append(gateway)
+
+    class First:
+        @hookimpl
+        async def imgproxy_authenticate(self, ctx):
+            return ctx
+
+    hooks = Hooks(build_plugin_manager(disable=tuple(DEFAULT_PLUGINS), extra=(Second, First)))
+    assert await hooks.call("imgproxy_authenticate", ctx="me") == "me"
+    await hooks.call("imgproxy_configure", gateway="the gateway")
+    assert seen[-1] == "the gateway"
