@@ -275,20 +275,20 @@ class AnswerCheck:
         self.n, self.want = n, want
         self.images = 0
         self.usage: dict | None = None
-        self._reader = InlineImageReader(keep=0)
         self._most = n if want == "b64_json" else 0
         self._whole: dict | None = None  # the answer, when its first read held all of it
+        self._reader: InlineImageReader | None = None  # else made to read it piece by piece
         self._size = -1  # bytes read, once the first read was looked at
 
     @property
     def complete(self) -> int:
         """Images read whole so far."""
-        return self._reader.complete
+        return self._reader.complete if self._reader is not None else 0
 
     @property
     def ended(self) -> bool:
         """Whether the answer's JSON object has been read to its end."""
-        return self._whole is not None or self._reader.ended
+        return self._whole is not None or (self._reader is not None and self._reader.ended)
 
     def feed(self, chunk: bytes) -> None:
         if self._size < 0:
@@ -302,6 +302,8 @@ class AnswerCheck:
             if self._size > MAX_SKELETON:
                 raise InlineImageError(f"the answer holds more than {MAX_SKELETON} bytes besides its images")
             return
+        if self._reader is None:
+            self._reader = InlineImageReader(keep=0)
         self._reader.feed(chunk)
         if len(self._reader.images) > self._most:
             raise InlineImageError(f"the answer holds more base64 images than the {self._most} expected")
@@ -330,7 +332,7 @@ class AnswerCheck:
         if self._whole is not None:
             self.images, self.usage = len(self._whole["data"]), self._whole.get("usage")
             return
-        body, values = self._reader.finish()
+        body, values = (self._reader or InlineImageReader(keep=0)).finish()
         data = check_answer(body, self.want, self.n)
         if len(values) != (len(data) if self.want == "b64_json" else 0):
             raise InlineImageError("the answer holds base64 images outside its image list")

@@ -121,7 +121,7 @@ class MemoryState:
         self.clock = clock
         self._data: dict[str, tuple[float, float]] = {}  # key -> (value, expires_at)
         self._blobs: dict[str, tuple[bytes, float]] = {}
-        self._pending: dict[str, tuple[float, dict]] = {}  # id -> (deadline, record)
+        self._pending: dict[str, tuple[float, Pending]] = {}  # id -> (deadline, pending)
         self._recovered: set[str] = set()
         self._writes = 0
 
