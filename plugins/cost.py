@@ -223,7 +223,8 @@ class CostPlugin:
         # streamed goes out; a streamed answer's headers went out before its cost was known,
         # and ctx.stamp no longer reaches them: there the header is absent.
         ctx.response_headers["x-imgproxy-cost-usd"] = usd(cost)
-        record = self.usage_record(ctx, outcome, cost) if ctx.request is not None else None
+        # Made only where it is written (no usage_log: no record to make).
+        record = self.usage_record(ctx, outcome, cost) if ctx.request is not None and self.usage_log is not None else None
         if scratch is not None:
             try:
                 await self.settle(ctx.gateway.state, scratch, cost, record)
@@ -317,7 +318,7 @@ class CostPlugin:
             except Exception:
                 log.exception("the sweep for unsettled reservations failed")
 
-    async def settle(self, state, scratch: dict, cost: float, record: dict) -> None:
+    async def settle(self, state, scratch: dict, cost: float, record: dict | None) -> None:
         """Replace the reservation with the real cost on every period at once (no limit applies)."""
         keys, pending = scratch["keys"], scratch["pending"]
         if pending.stored:
@@ -325,7 +326,8 @@ class CostPlugin:
             if found == "settled":
                 return
             if found == "recovered":
-                record["recovered_already"] = True  # billed at its worst case by a sweeper: not again
+                if record is not None:
+                    record["recovered_already"] = True  # billed at its worst case by a sweeper: not again
                 return
         # Nothing reserved to replace (the state was unavailable under on_unavailable: open, or
         # lost it): count the real cost.
@@ -339,12 +341,13 @@ class CostPlugin:
             except StateUnavailable:
                 break
             self.unsettled.pop(0)
-            self.write(record)
+            if record is not None:
+                self.write(record)
         if last:
             # Shutting down with the state still away: reservations it holds are recovered by
             # another replica; the others would be lost, so they are written unsettled.
             for scratch, cost, record in self.unsettled:
-                if not scratch["pending"].stored:
+                if record is not None and not scratch["pending"].stored:
                     self.write({**record, "unsettled": True})
             self.unsettled.clear()
 

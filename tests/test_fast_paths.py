@@ -22,6 +22,7 @@ from imgproxy.inline_images import MAX_SKELETON, AnswerCheck, InlineImageError
 from imgproxy.listener import GuardedRunner, Listener
 from imgproxy.metrics import Metrics
 from imgproxy.pluginmanager import DEFAULT_PLUGINS, Hooks, build_plugin_manager
+from imgproxy.plugins.cost import spend_periods
 from tests.conftest import AUTH, images_body
 
 SETTINGS = settings(max_examples=600, derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -134,9 +135,11 @@ def test_a_whole_first_read_is_held_to_the_skeletons_bound():
 # -- Pending records: the memory backend makes one only when a sweep claims it --------------
 
 
-async def test_a_memory_reservation_claimed_by_a_sweep_has_the_requests_record(make_client, fake_openai, tmp_path):
+@pytest.mark.parametrize("logged", [True, False])
+async def test_a_memory_reservation_claimed_by_a_sweep_has_the_requests_record(make_client, fake_openai, tmp_path, logged):
     usage = tmp_path / "usage.jsonl"
-    client = await make_client(extra=f"cost: {{usage_log: {usage}}}")
+    client = await make_client(extra=f"cost: {{usage_log: {usage}}}" if logged else "")
+    day = spend_periods("team-a", int(time.time() // 60))[0][1]
     state = client.gateway.state
     fake_openai.delay = 0.5
     body = {"model": "dall-e-2", "prompt": "x", "size": "256x256", "n": 2, "user": "end-user-1"}
@@ -155,9 +158,14 @@ async def test_a_memory_reservation_claimed_by_a_sweep_has_the_requests_record(m
         "quality": "standard", "cost_usd": 0.032,
     }
     await images_body(await call)
-    # Billed once: by the claim, at its worst case; the request's own record says so.
-    [line] = usage.read_text().splitlines()
-    assert json.loads(line)["recovered_already"] is True
+    # Billed once: by the claim, at its worst case; the request's own record (if records are
+    # written at all) says so.
+    assert await state.get(day) == pytest.approx(0.032)
+    if logged:
+        [line] = usage.read_text().splitlines()
+        assert json.loads(line)["recovered_already"] is True
+    else:
+        assert not usage.exists()
     assert await state.claim_expired() == []
 
 
@@ -278,3 +286,4 @@ async def test_each_implementation_gets_the_arguments_it_names_in_its_order():
     assert await hooks.call("imgproxy_authenticate", ctx="me") == "me"
     await hooks.call("imgproxy_configure", gateway="the gateway")
     assert seen[-1] == "the gateway"
+
