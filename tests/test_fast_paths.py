@@ -7,8 +7,10 @@ a client could send to tell them apart (hostile ones included), and shown to be 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
+import weakref
 from datetime import datetime, timezone
 
 import pytest
@@ -16,9 +18,11 @@ from hypothesis import HealthCheck, example, given, settings
 from aiohttp import web
 from hypothesis import strategies as st
 
+from imgproxy import limits
 from imgproxy.config import ServerConfig
 from imgproxy.hookspecs import hookimpl
 from imgproxy.inline_images import MAX_SKELETON, AnswerCheck, InlineImageError
+from imgproxy.limits import UpstreamBuffer
 from imgproxy.listener import GuardedRunner, Listener
 from imgproxy.metrics import Metrics
 from imgproxy.pluginmanager import DEFAULT_PLUGINS, Hooks, build_plugin_manager
@@ -287,3 +291,42 @@ async def test_each_implementation_gets_the_arguments_it_names_in_its_order():
     await hooks.call("imgproxy_configure", gateway="the gateway")
     assert seen[-1] == "the gateway"
 
+
+# -- The upstream buffer: a lease is tied to the request's task only once it holds bytes -------
+
+
+async def test_bytes_held_for_a_request_are_released_when_its_task_ends_not_a_childs():
+    buffer = UpstreamBuffer(Metrics())
+    child_done, finish = asyncio.Event(), asyncio.Event()
+
+    async def download() -> None:  # as the rewrite plugin's parallel fetches: a task of its own
+        limits.charge(1000)
+
+    async def request(charges: bool) -> None:
+        buffer.admit(10_000)
+        if charges:
+            await asyncio.gather(download(), download())
+        child_done.set()
+        await finish.wait()
+
+    task = asyncio.ensure_future(request(True))
+    await child_done.wait()
+    await asyncio.sleep(0)
+    assert buffer.held == 2000  # the children have ended; the request has not
+    finish.set()
+    await task
+    await asyncio.sleep(0)
+    assert buffer.held == 0
+    # A request that held nothing leaves nothing behind, and no reference cycle.
+    gc.disable()
+    try:
+        task = asyncio.ensure_future(request(False))
+        await task
+        await asyncio.sleep(0)
+        ended, task = weakref.ref(task), None
+        assert ended() is None  # freed by its count of references, not left to the collector
+    finally:
+        gc.enable()
+    assert buffer.held == 0
+    limits.charge(5)  # outside an admitted request (this test's task) nothing is counted
+    assert buffer.held == 0
