@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from aiohttp import web
 from hypothesis import strategies as st
 
-from imgproxy import limits
+from imgproxy import limits, untrusted_json
 from imgproxy.config import ServerConfig
 from imgproxy.hookspecs import hookimpl
 from imgproxy.inline_images import MAX_SKELETON, AnswerCheck, InlineImageError
@@ -330,3 +330,48 @@ async def test_bytes_held_for_a_request_are_released_when_its_task_ends_not_a_ch
     assert buffer.held == 0
     limits.charge(5)  # outside an admitted request (this test's task) nothing is counted
     assert buffer.held == 0
+
+
+# -- untrusted_json: the scanner called directly decides as JSONDecoder.decode does ---------
+
+
+def decoded_as_before(raw: bytes):
+    """untrusted_json.loads as it was, through JSONDecoder.decode: the value, or the error."""
+    try:
+        text = raw.decode("utf-8")
+        value = untrusted_json._DECODER.decode(text)
+        if text.count("[") + text.count("{") > untrusted_json.MAX_DEPTH or "\\u" in text:
+            untrusted_json._walk(value, untrusted_json.MAX_DEPTH, True)
+        return "ok", value
+    except RecursionError:
+        return "error", "nested"
+    except ValueError as exc:
+        return "error", "nested" if "nested" in str(exc) else f"{type(exc).__name__}: {exc}"
+
+
+def decoded_now(raw: bytes):
+    try:
+        return "ok", untrusted_json.loads(raw, text_only=True)
+    except ValueError as exc:
+        return "error", "nested" if "nested" in str(exc) else f"{type(exc).__name__}: {exc}"
+
+
+json_texts = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    max_leaves=8,
+).map(json.dumps)
+EDGES = ["", " ", "\n", "x", "]", "}", "{", "1", '"', " 1", "NaN", "\ud800"]
+
+
+@SETTINGS
+@given(text=json_texts, before=st.sampled_from(EDGES), after=st.sampled_from(EDGES), cut=st.integers(0, 3))
+@example(text="", before=" ", after="", cut=0)
+@example(text="", before="", after="", cut=0)
+@example(text="[]", before=" \n", after="\t ", cut=0)
+@example(text='{"a": 1}', before="", after=" x", cut=0)
+@example(text="1e999", before="", after="", cut=0)
+@example(text="[" * 70 + "]" * 70, before="", after="", cut=0)
+def test_loads_decides_as_the_decoder_did(text, before, after, cut):
+    raw = (before + text[: len(text) - cut] + after).encode("utf-8", "surrogatepass")
+    assert decoded_now(raw) == decoded_as_before(raw)
