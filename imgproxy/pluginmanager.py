@@ -121,7 +121,7 @@ class Hooks:
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._impls: dict[str, tuple[Impl, ...]] = {}
-        self._runners: dict[str, Callable[..., Coroutine[Any, Any, Any]]] = {}
+        self._runners: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]] = {}
         for name in dir(hookspecs):
             if not name.startswith("imgproxy_"):
                 continue
@@ -141,20 +141,20 @@ class Hooks:
     def call(self, name: str, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         """Run the hook `name` as its spec declares; await the result. For a firstresult hook
         that is the first non-None result, else None."""
-        return self._runners[name](**kwargs)
+        return self._runners[name](kwargs)  # the dict itself: not unpacked and packed again
 
     # The names used before the specs declared their semantics; they do the same as call().
     def each(self, name: str, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        return self._runners[name](**kwargs)
+        return self._runners[name](kwargs)
 
     first = each
 
     def each_guarded(self, name: str, _log: logging.Logger | None = None, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        return self._runners[name](**kwargs)
+        return self._runners[name](kwargs)
 
 
 def _each(impls: tuple[Impl, ...]):
-    async def run(**kwargs: Any) -> None:
+    async def run(kwargs: dict[str, Any]) -> None:
         """Every implementation; an exception stops the rest."""
         for function, one, args, _ in impls:
             result = function(kwargs[one]) if one is not None else function(*args(kwargs))
@@ -165,7 +165,7 @@ def _each(impls: tuple[Impl, ...]):
 
 
 def _first(impls: tuple[Impl, ...]):
-    async def run(**kwargs: Any) -> Any:
+    async def run(kwargs: dict[str, Any]) -> Any:
         """The first non-None result; the implementations after it are not called."""
         for function, one, args, _ in impls:
             result = function(kwargs[one]) if one is not None else function(*args(kwargs))
@@ -179,7 +179,7 @@ def _first(impls: tuple[Impl, ...]):
 
 
 def _guarded(name: str, impls: tuple[Impl, ...]):
-    async def run(**kwargs: Any) -> None:
+    async def run(kwargs: dict[str, Any]) -> None:
         """Every implementation whatever the others do; exceptions are logged."""
         for function, one, args, plugin in impls:
             try:
