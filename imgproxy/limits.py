@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import weakref
 
 from .errors import GatewayError
 
@@ -48,18 +49,23 @@ class UpstreamBuffer:
         if self.held >= capacity - capacity // 4:
             self._refused["admission"].inc()
             raise overloaded()
-        lease = Lease(self, capacity)
-        _lease.set(lease)
-        asyncio.current_task().add_done_callback(lease.release)
+        _lease.set(Lease(self, capacity, weakref.ref(asyncio.current_task())))
 
 
 class Lease:
-    __slots__ = ("buffer", "capacity", "held")
+    """What one request holds. Its release is tied to the request's task at the first charge:
+    most requests (answers relayed as they arrive) never hold anything. The task is referred to
+    weakly: its context refers to the lease."""
 
-    def __init__(self, buffer: UpstreamBuffer, capacity: int) -> None:
-        self.buffer, self.capacity, self.held = buffer, capacity, 0
+    __slots__ = ("buffer", "capacity", "held", "task")
+
+    def __init__(self, buffer: UpstreamBuffer, capacity: int, task: "weakref.ref[asyncio.Task]") -> None:
+        self.buffer, self.capacity, self.held, self.task = buffer, capacity, 0, task
 
     def charge(self, size: int) -> None:
+        if self.task is not None:
+            task, self.task = self.task() or asyncio.current_task(), None
+            task.add_done_callback(self.release)
         buffer = self.buffer
         buffer.held += size
         self.held += size

@@ -233,23 +233,31 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._refusing:
             return  # the answer is queued; what follows is not read
-        waiting = self._deadline is not None
-        if not waiting and data and self._body_done():
-            # Bytes that are no request's body begin the next request (on a kept-alive
-            # connection, or pipelined behind one still being handled).
-            self._await_headers()
-            waiting = True
         parsed, body = self._request_count, self._last_payload
+        waiting = self._deadline is not None
+        # Bytes that are no request's body begin the next request (on a kept-alive
+        # connection, or pipelined behind one still being handled).
+        starting = not waiting and data and (body is None or body.is_eof())
         super().data_received(data)
         new = self._request_count - parsed
+        if starting:
+            waiting = True
+            self._header_bytes = 0
+            if not new:  # a request whose headers come whole in one read (most do) needs no timer
+                self._await_headers()
         limit = self._listener.max_header_bytes
         if new and body is not None and not body.is_eof() and isinstance(self._messages[-1][0], _ErrInfo):
             self._body_broke(body, self._messages.pop()[0].exc)
         elif new:
             # Headers complete (or refused by the parser): the body and the handler have their own limits.
-            self._stop_waiting()
+            if self._deadline is not None:
+                self._stop_waiting()
             self._last_payload = self._messages[-1][1] if self._messages else None
-            if waiting and any(_header_size(message) > limit for message, _ in list(self._messages)[-new:]):
+            # _header_size is at most 5/4 of the bytes it stands for (a header line is at least
+            # 4 bytes, estimated 1 too many): from fewer bytes than half the limit, none is over it.
+            if waiting and self._header_bytes + len(data) > limit // 2 and any(
+                _header_size(message) > limit for message, _ in list(self._messages)[-new:]
+            ):
                 for _ in range(new):
                     self._messages.pop()  # not handled: answered with 431 instead
                 self._refuse(HeadersTooLarge(limit))

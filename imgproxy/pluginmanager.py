@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import operator
 from collections.abc import Callable, Coroutine
 from importlib.metadata import entry_points
 from types import CoroutineType
@@ -91,13 +92,20 @@ def _instantiate(obj: Any) -> Any:
     return obj() if inspect.isclass(obj) else obj
 
 
-def _awaitable(value: Any) -> bool:
-    """Hooks may be sync or async (checked inline by the runners: a wrapper coroutine per hook
-    call would cost more than the check)."""
-    return type(value) is CoroutineType or inspect.isawaitable(value)
+# An implementation as the runners call it: the function, the name of its one argument (most
+# take only `ctx`) or else a getter of its arguments from the call's keywords, and its plugin's
+# name. Made once per gateway: a list of arguments built per call cost more than the call.
+Impl = tuple[Callable[..., Any], "str | None", "Callable[[dict], tuple] | None", str]
 
 
-Impl = tuple[Callable[..., Any], tuple[str, ...], str]
+def _impl(function: Callable[..., Any], argnames: tuple[str, ...], plugin: str) -> Impl:
+    if len(argnames) == 1:
+        return function, argnames[0], None, plugin
+    return function, None, operator.itemgetter(*argnames) if argnames else _no_arguments, plugin  # 2+ names: a tuple
+
+
+def _no_arguments(kwargs: dict) -> tuple:
+    return ()
 
 
 class Hooks:
@@ -113,12 +121,12 @@ class Hooks:
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._impls: dict[str, tuple[Impl, ...]] = {}
-        self._runners: dict[str, Callable[..., Coroutine[Any, Any, Any]]] = {}
+        self._runners: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]] = {}
         for name in dir(hookspecs):
             if not name.startswith("imgproxy_"):
                 continue
             caller = getattr(pm.hook, name)
-            impls = tuple((impl.function, tuple(impl.argnames), impl.plugin_name) for impl in reversed(caller.get_hookimpls()))
+            impls = tuple(_impl(impl.function, tuple(impl.argnames), impl.plugin_name) for impl in reversed(caller.get_hookimpls()))
             self._impls[name] = impls
             if caller.spec.opts.get("firstresult"):
                 self._runners[name] = _first(impls)
@@ -133,35 +141,35 @@ class Hooks:
     def call(self, name: str, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         """Run the hook `name` as its spec declares; await the result. For a firstresult hook
         that is the first non-None result, else None."""
-        return self._runners[name](**kwargs)
+        return self._runners[name](kwargs)  # the dict itself: not unpacked and packed again
 
     # The names used before the specs declared their semantics; they do the same as call().
     def each(self, name: str, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        return self._runners[name](**kwargs)
+        return self._runners[name](kwargs)
 
     first = each
 
     def each_guarded(self, name: str, _log: logging.Logger | None = None, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        return self._runners[name](**kwargs)
+        return self._runners[name](kwargs)
 
 
 def _each(impls: tuple[Impl, ...]):
-    async def run(**kwargs: Any) -> None:
+    async def run(kwargs: dict[str, Any]) -> None:
         """Every implementation; an exception stops the rest."""
-        for function, argnames, _ in impls:
-            result = function(*[kwargs[arg] for arg in argnames])
-            if result is not None and _awaitable(result):
+        for function, one, args, _ in impls:
+            result = function(kwargs[one]) if one is not None else function(*args(kwargs))
+            if result is not None and (type(result) is CoroutineType or inspect.isawaitable(result)):
                 await result
 
     return run
 
 
 def _first(impls: tuple[Impl, ...]):
-    async def run(**kwargs: Any) -> Any:
+    async def run(kwargs: dict[str, Any]) -> Any:
         """The first non-None result; the implementations after it are not called."""
-        for function, argnames, _ in impls:
-            result = function(*[kwargs[arg] for arg in argnames])
-            if result is not None and _awaitable(result):
+        for function, one, args, _ in impls:
+            result = function(kwargs[one]) if one is not None else function(*args(kwargs))
+            if result is not None and (type(result) is CoroutineType or inspect.isawaitable(result)):
                 result = await result
             if result is not None:
                 return result
@@ -171,12 +179,12 @@ def _first(impls: tuple[Impl, ...]):
 
 
 def _guarded(name: str, impls: tuple[Impl, ...]):
-    async def run(**kwargs: Any) -> None:
+    async def run(kwargs: dict[str, Any]) -> None:
         """Every implementation whatever the others do; exceptions are logged."""
-        for function, argnames, plugin in impls:
+        for function, one, args, plugin in impls:
             try:
-                result = function(*[kwargs[arg] for arg in argnames])
-                if result is not None and _awaitable(result):
+                result = function(kwargs[one]) if one is not None else function(*args(kwargs))
+                if result is not None and (type(result) is CoroutineType or inspect.isawaitable(result)):
                     await result
             except Exception:
                 log.exception("the %s hook of plugin %s failed", name, plugin)

@@ -43,16 +43,27 @@ class Reservation:
     ttl: float
 
 
-@dataclass(slots=True)
 class Pending:
     """A durable trace of a paid upstream call in progress: `record` (JSON-ready) stays in the
-    state until settled, or until `deadline` seconds have passed and a sweeper claims it."""
+    state until settled, or until `deadline` seconds have passed and a sweeper claims it.
 
-    scope: str  # the `{scope}` of the reservation keys it goes with
-    id: str
-    record: dict
-    deadline: float
-    stored: bool = False  # set by the backend once the reservation holds it
+    `record` may be given as a function that makes it: it is called the first time the record
+    is read, so a backend that reads it only when a sweeper claims it (MemoryState) rarely does."""
+
+    __slots__ = ("scope", "id", "deadline", "stored", "_record")
+
+    def __init__(self, scope: str, id: str, record: dict | Callable[[], dict], deadline: float, stored: bool = False) -> None:
+        self.scope = scope  # the `{scope}` of the reservation keys it goes with
+        self.id = id
+        self._record = record
+        self.deadline = deadline
+        self.stored = stored  # set by the backend once the reservation holds it
+
+    @property
+    def record(self) -> dict:
+        if callable(self._record):
+            self._record = self._record()
+        return self._record
 
 
 class StateUnavailable(Exception):
@@ -110,7 +121,7 @@ class MemoryState:
         self.clock = clock
         self._data: dict[str, tuple[float, float]] = {}  # key -> (value, expires_at)
         self._blobs: dict[str, tuple[bytes, float]] = {}
-        self._pending: dict[str, tuple[float, dict]] = {}  # id -> (deadline, record)
+        self._pending: dict[str, tuple[float, Pending]] = {}  # id -> (deadline, pending)
         self._recovered: set[str] = set()
         self._writes = 0
 
@@ -146,27 +157,32 @@ class MemoryState:
         for index, item in enumerate(reservations):
             if item.limit is not None and self._get(item.key, now) + item.amount > item.limit + 1e-9:
                 return index
-        for item in reservations:
+        self._apply(reservations, now)
+        if pending is not None:
+            # Kept as it is: a record given as a function is made only if a sweeper claims it.
+            self._pending[pending.id] = (now + pending.deadline, pending)
+            pending.stored = True
+        return None
+
+    def _apply(self, items: list[Reservation], now: float) -> None:
+        for item in items:
             entry = self._data.get(item.key)
             if entry is None or entry[1] <= now:
                 entry = (0.0, now + item.ttl)
             self._put(item.key, entry[0] + item.amount, entry[1])
-        if pending is not None:
-            self._pending[pending.id] = (now + pending.deadline, pending.record)
-            pending.stored = True
-        return None
 
     async def settle(self, adjustments: list[Reservation], pending: Pending | None = None) -> str:
         if pending is not None and self._pending.pop(pending.id, None) is None:
             return "recovered" if pending.id in self._recovered else "missing"
-        await self.reserve([replace(item, limit=None) for item in adjustments])
+        # No limit applies; an adjustment of 0 (the worst case was the cost) changes nothing.
+        self._apply([item for item in adjustments if item.amount], self.clock())
         return "settled"
 
     async def claim_expired(self, limit: int = 100) -> list[dict]:
         now = self.clock()
         due = [id for id, (deadline, _) in self._pending.items() if deadline <= now][:limit]
         self._recovered.update(due)
-        return [self._pending.pop(id)[1] for id in due]
+        return [self._pending.pop(id)[1].record for id in due]
 
     async def put_new(self, key: str, value: bytes, ttl: float) -> bytes | None:
         entry = self._blobs.get(key)

@@ -237,7 +237,8 @@ class CostPlugin:
         # streamed goes out; a streamed answer's headers went out before its cost was known,
         # and ctx.stamp no longer reaches them: there the header is absent.
         ctx.response_headers["x-imgproxy-cost-usd"] = usd(cost)
-        record = self.usage_record(ctx, outcome, cost) if ctx.request is not None else None
+        # Made only where it is written (no usage_log: no record to make).
+        record = self.usage_record(ctx, outcome, cost) if ctx.request is not None and self.usage_log is not None else None
         if scratch is not None:
             try:
                 await self.settle(ctx.gateway.state, scratch, cost, record)
@@ -296,20 +297,27 @@ class CostPlugin:
             **({"cut": True} if outcome.cut else {}),
         }
 
-    def pending_record(self, ctx, worst: float) -> dict:
-        """What is written if this request's replica dies before settling it."""
-        return {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "request_id": ctx.request_id,
-            "key": ctx.identity.name,
-            "model": ctx.target.model.name,
-            "provider": ctx.target.provider.name,
-            "n": ctx.request.n,
-            "size": ctx.request.size,
-            "quality": ctx.request.quality,
-            "cost_usd": round(worst, 6),
-            "user": ctx.user_hash,
-        }
+    def pending_record(self, ctx, worst: float):
+        """What is written if this request's replica dies before settling it, as a function that
+        makes it: the memory backend needs it only if a sweeper claims the reservation. It keeps
+        values taken now, not the context (which would then refer to itself through scratch)."""
+        at, request_id, key, target, request, user = time.time(), ctx.request_id, ctx.identity.name, ctx.target, ctx.request, ctx.user_hash
+
+        def record() -> dict:
+            return {
+                "time": datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="milliseconds"),
+                "request_id": request_id,
+                "key": key,
+                "model": target.model.name,
+                "provider": target.provider.name,
+                "n": request.n,
+                "size": request.size,
+                "quality": request.quality,
+                "cost_usd": round(worst, 6),
+                "user": user,
+            }
+
+        return record
 
     def write(self, record: dict) -> None:
         if self.usage_log is not None:
@@ -331,7 +339,7 @@ class CostPlugin:
             except Exception:
                 log.exception("the sweep for unsettled reservations failed")
 
-    async def settle(self, state, scratch: dict, cost: float, record: dict) -> None:
+    async def settle(self, state, scratch: dict, cost: float, record: dict | None) -> None:
         """Replace the reservation with the real cost on every period at once (no limit applies)."""
         keys, pending = scratch["keys"], scratch["pending"]
         if pending.stored:
@@ -339,7 +347,8 @@ class CostPlugin:
             if found == "settled":
                 return
             if found == "recovered":
-                record["recovered_already"] = True  # billed at its worst case by a sweeper: not again
+                if record is not None:
+                    record["recovered_already"] = True  # billed at its worst case by a sweeper: not again
                 return
         # Nothing reserved to replace (the state was unavailable under on_unavailable: open, or
         # lost it): count the real cost.
