@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -316,3 +317,26 @@ def own_redis(tmp_path):
     server = RedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+async def usage_records(path, count: int = 1) -> list[dict]:
+    """The usage log's records once it holds `count` (records are written when a request is
+    over, which may be just after its client saw the answer)."""
+    for _ in range(200):
+        if path.exists():
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            if len(lines) >= count:
+                return lines
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} usage records")
+
+
+async def usage_record(usage_log, request_id: str) -> dict:
+    """The usage record of one request, once it is written."""
+    for _ in range(100):
+        if usage_log.exists():
+            for line in usage_log.read_text().splitlines():
+                if json.loads(line)["request_id"] == request_id:
+                    return json.loads(line)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no usage record for {request_id}")

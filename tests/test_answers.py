@@ -6,7 +6,6 @@ passes OpenAI's ImagesResponse schema, or a failed response: an error envelope, 
 broken off before its end that neither aiohttp nor the official SDK reads as complete.
 """
 
-import asyncio
 import base64
 import gzip
 import json
@@ -19,6 +18,7 @@ import openai
 import pytest
 
 from tests.conftest import AUTH, CLIENT_KEY, IMAGES_RESPONSE, assert_error, images_body
+from tests.conftest import usage_record as record
 
 URL = "/v1/images/generations"
 DALLE2 = {"model": "dall-e-2", "prompt": "x", "size": "256x256"}  # $0.016 an image
@@ -40,16 +40,6 @@ async def gateway(make_client, usage_log):
     return await make_client(extra=f"cost: {{usage_log: {usage_log}}}")
 
 
-async def record(usage_log, request_id: str) -> dict:
-    """The usage record of one request (written once the request is over, which for a
-    broken-off answer may be just after the client saw it break)."""
-    for _ in range(100):
-        if usage_log.exists():
-            for line in usage_log.read_text().splitlines():
-                if json.loads(line)["request_id"] == request_id:
-                    return json.loads(line)
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no usage record for {request_id}")
 
 
 async def post(client, body: dict, request_id: str):

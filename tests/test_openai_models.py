@@ -10,7 +10,7 @@ from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
 from tests.conftest import AUTH, CLIENT_KEY, assert_error, images_body
 from tests.fakes import FAKE_B64, FakeUpstream
-from tests.test_provider_azure import records
+from tests.conftest import usage_records as records
 
 NEW = ("gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2")
 

@@ -3,7 +3,6 @@ speaks Azure's published wire format: the provider conformance cases."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from pathlib import Path
@@ -18,6 +17,7 @@ from imgproxy.server import create_app
 from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body, serve_fake
 from tests.fake_azure import FakeAzureOpenAI
 from tests.fakes import FAKE_PNG, FakeUpstream
+from tests.conftest import usage_records as records
 
 URL = "/v1/images/generations"
 
@@ -69,14 +69,6 @@ async def post(client, body: dict):
     return await client.post(URL, json=body, headers=AUTH)
 
 
-async def records(path: Path, count: int = 1) -> list[dict]:
-    for _ in range(200):
-        if path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines()]
-            if len(lines) >= count:
-                return lines
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"fewer than {count} usage records")
 
 
 # --- the reference's basic example ------------------------------------------------------------

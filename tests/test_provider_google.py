@@ -16,6 +16,7 @@ from imgproxy.server import create_app
 from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body
 from tests.fakes import FAKE_PNG, Cue, FakeUpstream
 from tests.fakes_google import ACCESS_TOKEN_PREFIX, PRIVATE_KEY_LINE, PRIVATE_KEY_PEM, FakeGoogle, service_account_file
+from tests.conftest import usage_record as record
 
 URL = "/v1/images/generations"
 IMAGEN = "imagen-4.0-generate-001"
@@ -89,14 +90,6 @@ async def client(make_google):
     return await make_google()
 
 
-async def record(usage_log, request_id: str) -> dict:
-    for _ in range(100):
-        if usage_log.exists():
-            for line in usage_log.read_text().splitlines():
-                if json.loads(line)["request_id"] == request_id:
-                    return json.loads(line)
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no usage record for {request_id}")
 
 
 async def post(client, body: dict):

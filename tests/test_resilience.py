@@ -26,6 +26,7 @@ from imgproxy.plugins.cost import spend_periods
 from imgproxy.server import create_app
 from tests.conftest import AUTH, CLIENT_KEY, assert_error
 from tests.fakes import Cue, FakeOpenAI, FakeStability, FakeUpstream
+from tests.conftest import usage_records as records
 
 URL = "/v1/images/generations"
 DALLE3 = {"model": "dall-e-3", "prompt": "a lighthouse", "response_format": "b64_json"}  # $0.04 an image
@@ -86,14 +87,6 @@ def gateway(aiohttp_client, fake_openai, fake_azure, fake_stability, tmp_path):
     return make
 
 
-async def records(path: Path, count: int = 1) -> list[dict]:
-    for _ in range(200):
-        if path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines()]
-            if len(lines) >= count:
-                return lines
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"fewer than {count} usage records")
 
 
 async def scrape(client, name: str, **labels) -> float | None:
