@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import logging
@@ -340,3 +341,14 @@ async def usage_record(usage_log, request_id: str) -> dict:
                     return json.loads(line)
         await asyncio.sleep(0.02)
     raise AssertionError(f"no usage record for {request_id}")
+
+
+async def assert_each_image_is(client, answer: dict, response_format: str, expected: bytes) -> None:
+    """Every image of an answer, downloaded from the gateway (url) or decoded (b64_json), is
+    `expected` (a provider conformance check)."""
+    for item in answer["data"]:
+        if response_format == "url":
+            resp = await download(client, item["url"])
+            assert resp.status == 200 and await resp.read() == expected
+        else:
+            assert base64.b64decode(item["b64_json"]) == expected

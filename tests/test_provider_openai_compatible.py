@@ -1,7 +1,6 @@
 """The openai_compatible adapter over real sockets: another imgproxy as the upstream (itself in
 front of FakeOpenAI), and a host that takes its key bare in X-Api-Key and fails on cue."""
 
-import base64
 import json
 
 import pytest
@@ -9,7 +8,7 @@ import pytest
 from imgproxy.config import ConfigError
 from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
-from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body, serve_fake
+from tests.conftest import AUTH, CLIENT_KEY, assert_each_image_is, assert_error, images_body, serve_fake
 from tests.fakes import FAKE_PNG, FakeUpstream
 from tests.fakes_v2 import FakeCompatibleHost
 
@@ -103,12 +102,7 @@ async def test_reference_example(compat_client, fake_openai, fake_host, model, r
     body = {"model": model, "prompt": "A cute baby sea otter", "n": 2, "size": "512x512", "response_format": response_format}
     answer = await images_body(await client.post(URL, json=body, headers=AUTH))
     assert len(answer["data"]) == 2
-    for item in answer["data"]:
-        if response_format == "url":
-            resp = await download(client, item["url"])
-            assert resp.status == 200 and await resp.read() == FAKE_PNG
-        else:
-            assert base64.b64decode(item["b64_json"]) == FAKE_PNG
+    await assert_each_image_is(client, answer, response_format, FAKE_PNG)
     fake = fake_openai if model == "dall-e-2" else fake_host
     (sent,) = fake.requests
     upstream = "dall-e-2" if model == "dall-e-2" else "black-forest-labs/FLUX.1-schnell"

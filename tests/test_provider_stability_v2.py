@@ -9,7 +9,7 @@ import pytest
 from imgproxy.egress import UrlRefused
 from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
-from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body, serve_fake
+from tests.conftest import AUTH, CLIENT_KEY, assert_each_image_is, assert_error, images_body, serve_fake
 from tests.fakes import FAKE_PNG, FakeUpstream
 from tests.fakes_v2 import FakeStabilityV2
 
@@ -66,12 +66,7 @@ async def test_reference_example(v2_client, fake_v2, response_format):
     body = {"model": "core", "prompt": "A cute baby sea otter", "n": 2, "size": "1024x1024", "response_format": response_format}
     answer = await images_body(await client.post(URL, json=body, headers=AUTH))
     assert len(answer["data"]) == 2
-    for item in answer["data"]:
-        if response_format == "url":
-            resp = await download(client, item["url"])
-            assert resp.status == 200 and await resp.read() == FAKE_PNG
-        else:
-            assert base64.b64decode(item["b64_json"]) == FAKE_PNG
+    await assert_each_image_is(client, answer, response_format, FAKE_PNG)
     # One image per call: two calls, each a text-to-image request for 1:1, as base64 JSON or,
     # for images the gateway hosts, as bytes.
     assert fake_v2.endpoints == ["core", "core"]
