@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import yaml
@@ -32,16 +32,20 @@ class ModelEntry:
     capabilities: dict
     price: dict | None
     sources: dict
+    # The provider's shutdown date and recommended replacement: {shutdown, replacement}, or {}.
+    lifecycle: dict = field(default_factory=dict)
 
 
 def load_models(package: str, filename: str) -> dict[str, ModelEntry]:
     """A provider package's catalog, from the YAML file `filename` next to its module: per
-    model name, `capabilities` and optionally `price`, each with a `source` and a `date`."""
+    model name, `capabilities` and optionally `price` (`free: true` for a model that costs
+nothing) and `lifecycle` (`shutdown: YYYY-MM-DD`, `replacement: <model>`), each with a `source`
+and a `date`."""
     raw = yaml.safe_load(resources.files(package.rpartition(".")[0]).joinpath(filename).read_text(encoding="utf-8"))
     entries = {}
     for name, spec in raw.items():
         sources, parts = {}, {}
-        for part in ("capabilities", "price"):
+        for part in ("capabilities", "price", "lifecycle"):
             block = dict(spec.get(part) or {})
             if not block:
                 continue
@@ -49,7 +53,7 @@ def load_models(package: str, filename: str) -> dict[str, ModelEntry]:
             if not source or not date:
                 raise ValueError(f"{filename}: {name}.{part} needs a source and a date")
             sources[part], parts[part] = (source, str(date)), block
-        entries[name] = ModelEntry(parts["capabilities"], parts.get("price"), sources)
+        entries[name] = ModelEntry(parts["capabilities"], parts.get("price"), sources, parts.get("lifecycle", {}))
     return entries
 
 
@@ -59,6 +63,13 @@ def merged(adapters: Iterable) -> dict[str, ModelEntry]:
     for adapter in adapters:
         catalog.update(getattr(adapter, "models", None) or {})
     return catalog
+
+
+def builtin_adapters() -> dict[str, type]:
+    """The built-in adapter classes by type."""
+    from .providers import BUILTIN  # the adapters import this module
+
+    return {adapter.type: adapter for adapter in BUILTIN}
 
 
 def builtin_catalog() -> dict[str, ModelEntry]:

@@ -21,6 +21,9 @@ from .runtime import Runtime
 from .server import create_app
 
 
+SHUTDOWN_WARNING_DAYS = 30  # models shutting down within this many days are named at start-up
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imgproxy", description="OpenAI Images API gateway.")
     parser.add_argument("--version", action="version", version=f"imgproxy {__version__}")
@@ -185,6 +188,16 @@ def warn_about_start_up(gateway: Gateway) -> None:
             "provider %s has no API key: set %s; until then its models (%s) answer 503 provider_not_configured",
             name, setting, ", ".join(models) or "none",
         )
+    today = gateway.routing.today()
+    for model in config.models.values():
+        if model.shutdown is None or (model.shutdown - today).days > SHUTDOWN_WARNING_DAYS:
+            continue
+        instead = f"; use {model.replacement!r} instead" if model.replacement else ""
+        if model.retired(today):
+            log.warning("model %s was shut down on %s: its requests answer 404 model_retired%s", model.name, model.shutdown, instead)
+        else:
+            log.warning("model %s shuts down on %s (in %d days): from then on its requests answer 404 model_retired%s",
+                        model.name, model.shutdown, (model.shutdown - today).days, instead)
     # A shared store refuses an unset key when the config loads; presigned S3 URLs do not use it.
     if not config.images.signing_key and config.images.store == "filesystem":
         log.warning(

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import yaml
 
 from . import schemafiles
-from .catalog import Capabilities, builtin_catalog, capabilities_for, merged
+from .catalog import Capabilities, builtin_adapters, builtin_catalog, capabilities_for, merged
 from .egress import BadEntry, EgressPolicy, policy_for
 from .resilience import BreakerConfig, RetryPolicy
 from .stores.filesystem import default_directory
@@ -96,6 +97,12 @@ class ModelConfig:
     fallbacks: tuple[str, ...] = ()  # public model names tried in order when this one cannot serve
     fallback_strictness: str = "translate"  # translate | skip
     deadline: float | None = None  # seconds for all attempts together; None: the first target's timeout
+    free: bool = False  # metered at $0 on purpose (the cost plugin refuses a model with no price otherwise)
+    shutdown: datetime.date | None = None  # UTC date from which it is refused as retired (imgproxy.routing)
+    replacement: str | None = None  # the public name of the model to use instead, if this file serves it
+
+    def retired(self, today: datetime.date) -> bool:
+        return self.shutdown is not None and today >= self.shutdown
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,8 @@ def substitute_env(node, env, source: str, path: list, refs: dict):
         return {k: substitute_env(v, env, source, path + [k], refs) for k, v in node.items()}
     if isinstance(node, list):
         return [substitute_env(v, env, source, path + [i], refs) for i, v in enumerate(node)]
+    if isinstance(node, datetime.date):  # YAML reads an unquoted 2026-05-12 as a date: keep the text
+        return node.isoformat()
     if not isinstance(node, str):
         return node
 
@@ -291,6 +300,8 @@ def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
 
     models, public_names = {}, {}
     models_known = builtin_catalog() if provider_types is None else merged(provider_types.values())
+    adapters = builtin_adapters() if provider_types is None else provider_types
+    replacements = {}
     for name, spec in raw["models"].items():
         if spec["provider"] not in providers:
             where = ["models", name, "provider"]
@@ -305,7 +316,15 @@ def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
         model = ModelConfig(
             name, spec["provider"], upstream, tuple(spec.get("aliases", ())), caps, spec.get("timeout"), catalog,
             tuple(spec.get("fallbacks", ())), spec.get("fallback_strictness", "translate"), spec.get("deadline"),
+            spec.get("free", False),
         )
+        # A shutdown is the provider's: only the catalog of the model's own provider type says
+        # one (an Azure deployment of dall-e-3 does not retire with OpenAI's), and the file
+        # overrides it.
+        own = getattr(adapters.get(providers[spec["provider"]].type), "models", None) or {}
+        lifecycle = {**(own[catalog].lifecycle if catalog in own else {}), **{k: spec[k] for k in ("shutdown", "replacement") if k in spec}}
+        model = replace(model, shutdown=_date(lifecycle.get("shutdown"), source, ["models", name, "shutdown"]))
+        replacements[name] = lifecycle.get("replacement")
         for public in (name, *model.aliases):
             if public in public_names:
                 raise ConfigError(source, ["models", name], f"name {_shown(public, ['models', name], refs)} is already used by model {public_names[public]!r}")
@@ -320,6 +339,11 @@ def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
                 raise ConfigError(source, where, f"no image model or alias named {_shown(fallback, where, refs)} under models")
             if public_names[fallback] == name:
                 raise ConfigError(source, where, "a model cannot be its own fallback")
+
+    for name, wanted in replacements.items():
+        served_as = _served_as(wanted, models, public_names) if wanted is not None else None
+        if served_as not in (None, name):  # never "use 'dall-e-3' instead" for dall-e-3
+            models[name] = replace(models[name], replacement=served_as)
 
     default_model = raw.get("default_model")
     if default_model is not None and default_model not in public_names:
@@ -342,6 +366,25 @@ def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
         sections=raw,
         refs=refs,
     )
+
+
+def _date(value, source: str, path: list) -> datetime.date | None:
+    if value is None:
+        return None
+    if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", str(value)):
+        try:
+            return datetime.date.fromisoformat(str(value))
+        except ValueError:  # 2026-02-30
+            pass
+    raise ConfigError(source, path, "must be a date written YYYY-MM-DD, such as \"2026-05-12\"")
+
+
+def _served_as(wanted: str, models: dict, public_names: dict) -> str | None:
+    """The public name under which this file serves the model `wanted` (a public name, alias,
+    upstream model or catalog entry), or None."""
+    if wanted in public_names:
+        return public_names[wanted]
+    return next((m.name for m in models.values() if wanted in (m.upstream_model, m.catalog)), None)
 
 
 def _images(images_raw: dict, source: str, refs: dict, env) -> ImagesConfig:

@@ -20,7 +20,8 @@ CREATED = 0
 
 async def list_models(gateway: Gateway, http: web.Request, request_id: str) -> web.Response:
     identity = await _caller(gateway, http, request_id)
-    data = [model_object(route) for route in gateway.routing.routes() if await _may_use(gateway, identity, route)]
+    routing = gateway.routing
+    data = [model_object(route) for route in routing.routes() if not routing.retired(route.model) and await _may_use(gateway, identity, route)]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -31,7 +32,9 @@ async def retrieve_model(gateway: Gateway, http: web.Request, request_id: str, r
     route = gateway.routing.resolve(requested)
     if not await _may_use(gateway, identity, route):
         raise model_not_found(requested)
-    return web.json_response(model_object(route))
+    headers: dict[str, str] = {}
+    gateway.routing.check_retired(route.model, headers)
+    return web.json_response(model_object(route), headers=headers)
 
 
 async def _caller(gateway: Gateway, http: web.Request, request_id: str) -> Identity:
@@ -74,5 +77,8 @@ def model_object(route: Route) -> dict:
             "default_response_format": caps.default_response_format,
             "parameters": [name for name in OPTIONAL_PARAMETERS if name in caps.parameters],
             "max_prompt_length": caps.max_prompt_length,
+            # When the provider stops serving it (UTC date), and the public name to use instead.
+            "shutdown": model.shutdown.isoformat() if model.shutdown else None,
+            "replacement": model.replacement,
         },
     }

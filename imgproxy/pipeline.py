@@ -84,6 +84,8 @@ async def check_request(ctx: RequestContext) -> None:
     # pay for a content check (a moderation model is a paid upstream call).
     hooks = ctx.gateway.hooks
     await hooks.call("imgproxy_authorize_model", identity=ctx.identity, model=ctx.route.model)
+    # After the allow-list, so a key learns of a retired model only if it may use it.
+    ctx.gateway.routing.check_retired(ctx.route.model, ctx.response_headers)
     await hooks.call("imgproxy_authorize_request", ctx=ctx)
     await hooks.call("imgproxy_check_limits", ctx=ctx)
     await hooks.call("imgproxy_check_content", ctx=ctx)
@@ -133,6 +135,8 @@ def candidates(ctx: RequestContext):
     yield ctx.route, ctx.request
     original = ctx.request
     for target in ctx.route.fallbacks:
+        if ctx.gateway.routing.retired(target.model):
+            continue  # shut down: never called
         request = translate(original, target.model.name, target.model.capabilities, ctx.route.model.fallback_strictness)
         if request is not None:
             yield target, request

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
+from email.utils import format_datetime
 
 from .config import Config, ModelConfig, ProviderConfig
 from .errors import GatewayError
@@ -23,8 +25,14 @@ class Route(Target):
     fallbacks: tuple[Target, ...] = ()
 
 
+def utc_today() -> datetime.date:
+    return datetime.datetime.now(datetime.timezone.utc).date()
+
+
 class RoutingTable:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, today=utc_today) -> None:
+        # Read per request, so a running gateway stops serving a model at its shutdown's midnight.
+        self.today = today
         self._by_name: dict[str, Route] = {}
         self._by_provider: dict[tuple[str, str], Route] = {}
         targets = {}
@@ -48,6 +56,18 @@ class RoutingTable:
             raise model_not_found(requested)
         return route
 
+    def retired(self, model: ModelConfig) -> bool:
+        return model.shutdown is not None and model.retired(self.today())
+
+    def check_retired(self, model: ModelConfig, headers: dict[str, str]) -> None:
+        """Refuse a model past its shutdown date; before it, say when it goes (RFC 8594 Sunset)."""
+        if model.shutdown is None:
+            return
+        if model.retired(self.today()):
+            raise model_retired(model)
+        midnight = datetime.datetime.combine(model.shutdown, datetime.time(), datetime.timezone.utc)
+        headers["Sunset"] = format_datetime(midnight, usegmt=True)
+
     def routes(self) -> list[Route]:
         """Each model once, in the config's order."""
         return list({id(route): route for route in self._by_name.values()}.values())
@@ -69,5 +89,17 @@ def model_not_found(requested: str) -> GatewayError:
         404,
         f"The model '{requested}' does not exist or is not served by this gateway.",
         code="model_not_found",
+        param="model",
+    )
+
+
+def model_retired(model: ModelConfig) -> GatewayError:
+    """404 like OpenAI's answer for a model it removed (docs/configuration.md says why not 410),
+    with its own code and the model to use instead when this gateway serves one."""
+    instead = f" Use '{model.replacement}' instead." if model.replacement else ""
+    return GatewayError(
+        404,
+        f"The model '{model.name}' was shut down on {model.shutdown.isoformat()} and is no longer served.{instead}",
+        code="model_retired",
         param="model",
     )

@@ -31,6 +31,7 @@ from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 
 from imgproxy.catalog import CUSTOM_SIZE
+from imgproxy.config import ConfigError
 from imgproxy.errors import GatewayError
 from imgproxy.hookspecs import hookimpl
 from imgproxy.inline_images import valid_usage
@@ -42,6 +43,7 @@ _table = {"type": "object", "additionalProperties": {"type": "object", "addition
 PRICE_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
+    "minProperties": 1,  # an empty price would meter at $0 unnoticed
     "properties": {
         "per_image": {**_table, "description": "USD per image: {quality: {size: price}}, * for any."},
         "per_image_credits": {**_table, "description": "As per_image, in provider credits (see credit_usd)."},
@@ -84,6 +86,8 @@ KEY_SETTINGS = {
         },
     }
 }
+
+FREE = {"per_image": {"*": {"*": 0.0}}}
 
 TOKEN_ESTIMATE_CHARS = 2  # worst case for the prompt's tokens: one token per two characters
 
@@ -136,6 +140,7 @@ def _exact(table: dict, name: str | None):
 class CostPlugin:
     def __init__(self) -> None:
         self.prices: dict[str, Price] = {}
+        self.free: set[str] = set()  # models metered at $0 on purpose (models.X.free, a catalog's free: true)
         self.usage_log = None
         self._usage_target = ""
         self.unsettled: list[tuple[dict, float, dict]] = []  # (scratch, cost, usage record) to settle again
@@ -157,13 +162,22 @@ class CostPlugin:
         # The providers' published prices (their catalog entries), under the operator's overrides.
         published = {name: entry.price for name, entry in gateway.catalog.items() if entry.price is not None}
         for model in gateway.config.models.values():
-            spec = next(
-                (table.get(name) for table in (overrides, published) for name in (model.name, model.upstream_model, model.catalog) if name in table),
-                None,
-            )
+            names = (model.name, model.upstream_model, model.catalog)
+            override = next((overrides[name] for name in names if name in overrides), None)
+            if model.free and override is not None:
+                raise ConfigError(gateway.config.source, ["models", model.name, "free"], "the model is also priced under cost.prices: keep one of the two")
+            spec = FREE if model.free else override if override is not None else next((published[name] for name in names if name in published), None)
+            # A model nobody priced would be metered at $0 unnoticed (budgets never reached, bills
+            # unexplained): that is a config error, not a default.
             if spec is None:
-                log.warning("no price for model %s: it is metered at $0 (add it under cost.prices)", model.name)
-                spec = {"per_image": {"*": {"*": 0.0}}}
+                raise ConfigError(
+                    gateway.config.source, ["models", model.name],
+                    f"no price for model {model.name!r}: add it under cost.prices.{model.name} (per_image, per_image_credits, "
+                    f"per_megapixel or per_million_tokens), or set models.{model.name}.free: true to meter it at $0 on purpose",
+                )
+            if model.free or spec.get("free"):
+                self.free.add(model.name)
+                spec = FREE
             per_image = spec.get("per_image") or {
                 q: {s: credits * credit for s, credits in sizes.items()} for q, sizes in spec.get("per_image_credits", {}).items()
             }
@@ -295,6 +309,7 @@ class CostPlugin:
             "user": ctx.user_hash,
             **({"undelivered_billed": outcome.undelivered_billed} if outcome.undelivered_billed else {}),
             **({"cut": True} if outcome.cut else {}),
+            **({"price": "free"} if ctx.target.model.name in self.free else {}),
         }
 
     def pending_record(self, ctx, worst: float):

@@ -95,7 +95,7 @@ models:
     provider: openai
     upstream_model: dall-e-3
     aliases: [house]
-  brand-new: {provider: openai, upstream_model: gpt-image-9}
+  brand-new: {provider: openai, upstream_model: gpt-image-9, free: true}
 """
     gateway = await load(text)
     caps = gateway.config.models["dall-e-2"].capabilities

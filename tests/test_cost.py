@@ -2,11 +2,11 @@
 
 import asyncio
 import json
-import logging
 
 import openai
 import pytest
 
+from imgproxy.config import ConfigError
 from tests.conftest import AUTH, CLIENT_KEY, assert_error, images_body
 
 URL = "/v1/images/generations"
@@ -104,12 +104,15 @@ async def test_per_minute_budget_and_sdk_error(make_client, config_text, sdk_for
     assert caught.value.code == "insufficient_quota" and "per-minute" in caught.value.message
 
 
-async def test_price_overrides_and_unpriced_models(make_client, config_text, caplog):
+async def test_price_overrides_and_unpriced_models(make_client, config_text):
     extra = "cost: {prices: {dall-e-3: {per_image: {'*': {'*': 1.5}}}}, credit_usd: 0.02}"
-    text = config_text(extra=extra).replace("models:\n", "models:\n  house: {provider: openai, upstream_model: house-model, capabilities: {max_n: 1}}\n")
-    with caplog.at_level(logging.WARNING):
-        client = await make_client(text)
-    assert caplog.text.count("no price for model house") == 1
+    house = "  house: {provider: openai, upstream_model: house-model, capabilities: {max_n: 1}}\n"
+    text = config_text(extra=extra).replace("models:\n", "models:\n" + house)
+    # An unpriced model is a config error (it was metered at $0 with a warning before).
+    with pytest.raises(ConfigError) as caught:
+        await make_client(text)
+    assert caught.value.path == "models.house" and "no price for model 'house'" in caught.value.problem
+    client = await make_client(text.replace(house, house.replace("{max_n: 1}}", "{max_n: 1}, free: true}")))
     resp = await client.post(URL, json={"model": "dall-e-3", "prompt": "x"}, headers=AUTH)
     assert resp.headers["x-imgproxy-cost-usd"] == "1.500000"
     resp = await client.post(URL, json={"model": "sdxl", "prompt": "x"}, headers=AUTH)

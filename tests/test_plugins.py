@@ -231,7 +231,7 @@ example: {banned_words: [lighthouse]}
 async def test_third_party_plugin_from_its_entry_point(installed_plugin, monkeypatch, make_client, config_text):
     monkeypatch.syspath_prepend(str(installed_plugin))
     text = config_text(extra=PLUGIN_CONFIG).replace("  placeholder:\n    type: placeholder", "  placeholder:\n    type: placeholder\n  mine:\n    type: echo")
-    text = text.replace("models:\n", "models:\n  echo-1: {provider: mine}\n")
+    text = text.replace("models:\n", "models:\n  echo-1: {provider: mine, free: true}\n")
     client = await make_client(text)
     body = await images_body(await client.post(URL, json={"model": "echo-1", "prompt": "hello", "response_format": "b64_json"}, headers=AUTH))
     assert body["data"][0]["revised_prompt"] == "HELLO"

@@ -79,6 +79,7 @@ cost:
   usage_log: {tmp_path / "usage.jsonl"}
   prices:
     flux: {{per_image: {{"*": {{"*": 0.003}}}}}}
+    plain: {{per_image: {{"*": {{"*": 0.002}}}}}}
 """
 
 
