@@ -3,6 +3,8 @@ with what imgproxy lets each one do in an `imgproxy` extension field."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiohttp import web
 
 from .catalog import OPTIONAL_PARAMETERS
@@ -74,5 +76,8 @@ def model_object(route: Route) -> dict:
             "default_response_format": caps.default_response_format,
             "parameters": [name for name in OPTIONAL_PARAMETERS if name in caps.parameters],
             "max_prompt_length": caps.max_prompt_length,
+            # What POST /v1/images/edits and /variations take (None: the model does neither).
+            "edits": dataclasses.asdict(caps.edits) if caps.edits else None,
+            "variations": dataclasses.asdict(caps.variations) if caps.variations else None,
         },
     }

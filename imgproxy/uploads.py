@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import GatewayError, invalid_request
 
@@ -100,7 +101,7 @@ async def read_form(http: web.Request, max_bytes: int) -> Form:
     except GatewayError:
         form.discard()
         raise
-    except (ValueError, AssertionError, RuntimeError, web.RequestPayloadError) as exc:
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError, web.RequestPayloadError) as exc:
         # The multipart parser's own complaints (a missing boundary, a broken body): the
         # class name only, since its message may quote the client's bytes back.
         form.discard()
