@@ -18,7 +18,7 @@ import yaml
 
 # Optional OpenAI parameters that only some models take; `prompt`, `model`, `n`, `size`,
 # `quality`, `style`, `response_format`, `user` and `moderation` are checked separately.
-OPTIONAL_PARAMETERS = ("background", "output_format", "output_compression", "stream", "partial_images")
+OPTIONAL_PARAMETERS = ("background", "output_format", "output_compression", "stream", "partial_images", "input_fidelity")
 # WIDTHxHEIGHT in ASCII digits, nothing before or after (int() would also take " 64", "64\n" or "٦٤").
 CUSTOM_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 
@@ -120,6 +120,24 @@ class CustomSizes:
 
 
 @dataclass(frozen=True)
+class UploadLimits:
+    """What a model takes as input images for edits or variations (`edits:` / `variations:` in
+    its capabilities): how many, how large, which kinds, a mask or not, square only or not."""
+
+    max_images: int
+    max_image_bytes: int
+    image_types: tuple[str, ...] = ("png",)
+    mask: bool = False
+    square: bool = False
+
+    @classmethod
+    def from_dict(cls, spec: dict | None) -> "UploadLimits | None":
+        if not spec:
+            return None
+        return cls(**{**spec, "image_types": tuple(spec.get("image_types", ("png",)))})
+
+
+@dataclass(frozen=True)
 class Capabilities:
     sizes: tuple[str, ...]
     default_size: str
@@ -135,6 +153,9 @@ class Capabilities:
     upstream_moderation: bool = False
     # Which of url / b64_json the upstream itself can return; the gateway converts the rest.
     upstream_formats: tuple[str, ...] = ("url", "b64_json")
+    # Input images for POST /v1/images/edits and /variations; None: the model does neither.
+    edits: UploadLimits | None = None
+    variations: UploadLimits | None = None
 
     def allows_size(self, size: str) -> bool:
         if size in self.sizes:
@@ -161,6 +182,8 @@ class Capabilities:
             default_style=spec.get("default_style"),
             upstream_moderation=spec.get("upstream_moderation", False),
             upstream_formats=tuple(spec.get("upstream_formats", ("url", "b64_json"))),
+            edits=UploadLimits.from_dict(spec.get("edits")),
+            variations=UploadLimits.from_dict(spec.get("variations")),
         )
 
 

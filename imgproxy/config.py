@@ -35,6 +35,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 1024 * 1024
+    max_upload_bytes: int = 64 * 1024 * 1024
     drain_timeout: float = 25.0
     reload_interval: float = 10.0
     backlog: int = 128

@@ -38,6 +38,16 @@ POLL = 0.1  # seconds between looks at a request still in progress
 MARGIN = 60.0  # an in-progress mark outlives the model's timeout by this much
 
 
+def fingerprint(ctx: RequestContext) -> str:
+    """The request as a digest: its operation, its body and the bytes of every uploaded image."""
+    request = ctx.request
+    seen = {"operation": request.operation, "body": ctx.body}
+    if request.form is not None:
+        seen["images"] = [upload.digest for upload in request.form.images]
+        seen["mask"] = request.form.mask.digest if request.form.mask else None
+    return hashlib.sha256(json.dumps(seen, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 class Idempotency:
     def __init__(self, state: State, config: IdempotencyConfig) -> None:
         self.state = state
@@ -51,7 +61,7 @@ class Idempotency:
         if not _VALID.match(given):
             raise GatewayError(400, f"The {HEADER} header must be 1 to 255 printable ASCII characters.", code="invalid_idempotency_key")
         key = f"idem:{{{ctx.identity.name}}}:{hashlib.sha256(given.encode()).hexdigest()}"
-        body = hashlib.sha256(json.dumps(ctx.body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        body = fingerprint(ctx)
         model = ctx.route.model
         # Retries and fallbacks run until the model's deadline: the mark must outlive them all.
         running_ttl = (model.deadline or model.timeout or ctx.route.provider.total_timeout) + MARGIN

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from .gateway import Gateway
     from .routing import Route, Target
+    from .uploads import Form
 
 
 @dataclass
@@ -33,6 +34,9 @@ class ImageRequest:
     user: str | None = None
     # Optional GPT-image parameters the client gave: background, output_format, ... .
     options: dict[str, Any] = field(default_factory=dict)
+    # generate, edit or variation; the last two come with the uploaded images.
+    operation: str = "generate"
+    form: "Form | None" = None
 
     @property
     def stream(self) -> bool:

@@ -3,6 +3,8 @@ with what imgproxy lets each one do in an `imgproxy` extension field."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiohttp import web
 
 from .catalog import OPTIONAL_PARAMETERS
@@ -80,5 +82,8 @@ def model_object(route: Route) -> dict:
             # When the provider stops serving it (UTC date), and the public name to use instead.
             "shutdown": model.shutdown.isoformat() if model.shutdown else None,
             "replacement": model.replacement,
+            # What POST /v1/images/edits and /variations take (None: the model does neither).
+            "edits": dataclasses.asdict(caps.edits) if caps.edits else None,
+            "variations": dataclasses.asdict(caps.variations) if caps.variations else None,
         },
     }

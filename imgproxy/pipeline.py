@@ -1,4 +1,4 @@
-"""POST /v1/images/generations, step by step: the line every request walks."""
+"""POST /v1/images/generations, /edits and /variations, step by step: the line every request walks."""
 
 from __future__ import annotations
 
@@ -17,21 +17,33 @@ from .relay import StreamTap, forward_stream
 from .resilience import counts_as_failure, translate
 from .routing import Target
 from .upstream import UpstreamCall
+from .uploads import read_form, typed_fields
 from .validation import check_capabilities, check_schema, read_json_body
 
 log = logging.getLogger("imgproxy.pipeline")
 
 
-async def generate_images(ctx: RequestContext) -> web.StreamResponse:
+# The provider method for each operation, and the server-sent event that ends a streamed answer.
+PROVIDER_METHODS = {"generate": "generate", "edit": "edit", "variation": "vary"}
+COMPLETED_EVENTS = {"generate": b'"image_generation.completed"', "edit": b'"image_edit.completed"'}
+
+
+async def serve_images(ctx: RequestContext, operation: str = "generate") -> web.StreamResponse:
+    """`operation`: generate (a JSON body), edit or variation (a form with uploaded images)."""
     # Authentication comes first so that anonymous callers can neither probe the model table
     # nor make the gateway read and validate their bodies.
     ctx.identity = await authenticate(ctx)
-    response = None
+    response = form = None
     try:
-        ctx.body = await read_json_body(ctx.http, ctx.gateway.config.server.max_body_bytes)
-        check_schema(ctx.body)
+        server = ctx.gateway.config.server
+        if operation == "generate":
+            ctx.body = await read_json_body(ctx.http, server.max_body_bytes)
+        else:  # the images are kept aside (imgproxy.uploads); the text fields are the body
+            form = await read_form(ctx.http, server.max_upload_bytes)
+            ctx.body = typed_fields(form.fields, integers=("n", "output_compression", "partial_images"), booleans=("stream",))
+        check_schema(ctx.body, operation)
         ctx.route = ctx.target = ctx.gateway.routing.resolve(requested_model(ctx))
-        ctx.request = check_capabilities(ctx.body, ctx.route)
+        ctx.request = check_capabilities(ctx.body, ctx.route, operation, form)
         # A retry with the same Idempotency-Key gets the first answer: no limits, no upstream call.
         replay = await ctx.gateway.idempotency.begin(ctx)
         if replay is not None:
@@ -63,6 +75,8 @@ async def generate_images(ctx: RequestContext) -> web.StreamResponse:
     finally:
         await ctx.gateway.idempotency.finish(ctx, response)
         await record_usage(ctx)
+        if form is not None:
+            form.discard()
 
 
 async def authenticate(ctx: RequestContext) -> Identity:
@@ -211,7 +225,8 @@ async def call_once(ctx: RequestContext, target: Target, timeout: float) -> web.
     call = UpstreamCall.for_request(ctx, timeout)
     started = time.monotonic()
     try:
-        reply = await gateway.providers[target.provider.name].generate(ctx.request, target, plan, call)
+        provider = gateway.providers[target.provider.name]
+        reply = await getattr(provider, PROVIDER_METHODS[ctx.request.operation])(ctx.request, target, plan, call)
         if isinstance(reply, ImagesResult):
             outcome.upstream_seconds = time.monotonic() - started
             outcome.filtered = reply.filtered
@@ -219,7 +234,7 @@ async def call_once(ctx: RequestContext, target: Target, timeout: float) -> web.
             return images_response(ctx, reply)
         async with reply:  # the one place an upstream response handed over is released
             if reply.content_type == "text/event-stream":
-                tap = StreamTap(sse=True)
+                tap = StreamTap(sse=True, completed=COMPLETED_EVENTS[ctx.request.operation])
             else:  # relayed only as far as it is a valid answer to this request
                 tap = AnswerCheck(ctx.request.n, ctx.request.response_format)
             response = await forward_stream(ctx, reply, tap)

@@ -29,9 +29,10 @@ class StreamTap:
     USAGE = b'"usage"'
     TAIL = 4096
 
-    def __init__(self, sse: bool) -> None:
+    def __init__(self, sse: bool, completed: bytes = b'"image_generation.completed"') -> None:
+        """`completed`: the quoted type of the event that carries a finished image in a stream."""
         self.sse = sse
-        self.marker = b'"image_generation.completed"' if sse else b'"b64_json"'
+        self.marker = completed if sse else b'"b64_json"'
         self.images = 0
         self.usage: dict | None = None
         self._edge = b""  # the last len(marker) - 1 bytes: a marker may straddle two chunks

@@ -24,6 +24,7 @@ from email.utils import parsedate_to_datetime
 from .catalog import CUSTOM_SIZE, Capabilities
 from .errors import TRANSIENT_KINDS, GatewayError, UpstreamError
 from .messages import ImageRequest
+
 # Ambiguous failures a `retry_ambiguous` provider may try again.
 AMBIGUOUS_KINDS = frozenset({"timeout", "5xx", "bad_body"})
 
@@ -164,6 +165,8 @@ def translate(request: ImageRequest, model: str, caps: Capabilities, strictness:
     translated: the fallback is skipped."""
     if request.n > caps.max_n or len(request.prompt) > caps.max_prompt_length:
         return None
+    if request.form is not None and not takes_uploads(request, model, caps):
+        return None
     if any(name not in caps.parameters for name in request.options):
         return None
     size, quality, style = request.size, request.quality, request.style
@@ -182,6 +185,17 @@ def translate(request: ImageRequest, model: str, caps: Capabilities, strictness:
     if size is None:
         return None
     return replace(request, model=model, size=size, quality=quality, style=style)
+
+
+def takes_uploads(request: ImageRequest, model: str, caps: Capabilities) -> bool:
+    """Whether the fallback does this edit or variation with these input images."""
+    from .validation import check_uploads  # validation needs the routing table, which needs this module
+
+    try:
+        check_uploads(request.form, model, request.operation, caps)
+    except GatewayError:
+        return False
+    return True
 
 
 def nearest_size(size: str, caps: Capabilities) -> str | None:

@@ -21,7 +21,7 @@ from .stores import StoreUnavailable, UrlSigner, content_type_of
 from .logs import access_log, request_id_var
 from .messages import RequestContext
 from .metrics import exposition
-from .pipeline import generate_images
+from .pipeline import serve_images
 from .runtime import Runtime
 from .serving import ListenFailed
 
@@ -48,6 +48,8 @@ def create_app(served: Gateway | Runtime, *, reuse_port: bool = False) -> web.Ap
     app.cleanup_ctx.append(_lifecycle)
     cors.setup(app, lambda: runtime.gateway.config.server.cors_origins)
     app.router.add_post("/v1/images/generations", post_generations)
+    app.router.add_post("/v1/images/edits", post_edits)
+    app.router.add_post("/v1/images/variations", post_variations)
     app.router.add_get("/v1/images/files/{name}", get_image_file)
     app.router.add_get("/v1/models", get_models)
     # `.+`: a model may be named provider/model, as in a generation request.
@@ -189,12 +191,24 @@ def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
 
 
 async def post_generations(request: web.Request) -> web.StreamResponse:
+    return await serve(request, "generate")
+
+
+async def post_edits(request: web.Request) -> web.StreamResponse:
+    return await serve(request, "edit")
+
+
+async def post_variations(request: web.Request) -> web.StreamResponse:
+    return await serve(request, "variation")
+
+
+async def serve(request: web.Request, operation: str) -> web.StreamResponse:
     gateway = request.app[RUNTIME].gateway
     ctx = RequestContext(gateway=gateway, http=request, request_id=request[REQUEST_ID])
     request[CONTEXT] = ctx
     gateway.request_started()
     try:
-        return await generate_images(ctx)
+        return await serve_images(ctx, operation)
     finally:
         gateway.request_finished()
 

@@ -5,14 +5,22 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import schemafiles, untrusted_json
-from .catalog import OPTIONAL_PARAMETERS, Capabilities
+from .catalog import OPTIONAL_PARAMETERS, Capabilities, UploadLimits
 from .errors import GatewayError, invalid_request
 from .messages import ImageRequest
 from .routing import Route
+from .uploads import Form
 
 _REQUEST_SCHEMA = schemafiles.load("image-generation-request.schema.json")
 _REQUEST_VALIDATOR = schemafiles.validator(_REQUEST_SCHEMA)
 _REQUEST_IS_VALID = schemafiles.compile_flat_object(_REQUEST_SCHEMA)
+# The text fields of an edit's or a variation's form, once typed (imgproxy.uploads.typed_fields).
+_FORM_VALIDATORS = {
+    operation: schemafiles.validator(schemafiles.load(f"image-{operation}-request.schema.json")) for operation in ("edit", "variation")
+}
+# What each operation is called in messages.
+OPERATION_NAMES = {"generate": "image generation", "edit": "image edits", "variation": "image variations"}
+MASK_MAX_BYTES = 4 * 1024 * 1024  # OpenAI: "a valid PNG file, less than 4MB"
 
 
 async def read_json_body(http: web.Request, max_bytes: int) -> dict:
@@ -54,10 +62,10 @@ def _too_large(max_bytes: int) -> GatewayError:
     return GatewayError(413, f"The request body is larger than the {max_bytes} bytes this gateway accepts.", code="request_too_large")
 
 
-def check_schema(body: dict) -> None:
-    if _REQUEST_IS_VALID is not None and _REQUEST_IS_VALID(body):
+def check_schema(body: dict, operation: str = "generate") -> None:
+    if operation == "generate" and _REQUEST_IS_VALID is not None and _REQUEST_IS_VALID(body):
         return
-    problem = schemafiles.first_error(_REQUEST_VALIDATOR, body)
+    problem = schemafiles.first_error(_FORM_VALIDATORS.get(operation, _REQUEST_VALIDATOR), body)
     if problem is None:
         return
     path, message = problem
@@ -69,13 +77,15 @@ def check_schema(body: dict) -> None:
     raise invalid_request(f"Invalid '{param}': {message}.", param=param, code="invalid_value")
 
 
-def check_capabilities(body: dict, route: Route) -> ImageRequest:
+def check_capabilities(body: dict, route: Route, operation: str = "generate", form: Form | None = None) -> ImageRequest:
     """Refuse what the model cannot do; fill in its defaults."""
     model = route.model.name
     caps = route.model.capabilities
     given = {k: v for k, v in body.items() if v is not None}
+    if form is not None:
+        check_uploads(form, model, operation, caps)
 
-    if len(given["prompt"]) > caps.max_prompt_length:
+    if len(given.get("prompt", "")) > caps.max_prompt_length:
         raise invalid_request(
             f"Invalid 'prompt': {model} takes at most {caps.max_prompt_length} characters, got {len(given['prompt'])}.",
             param="prompt",
@@ -105,7 +115,7 @@ def check_capabilities(body: dict, route: Route) -> ImageRequest:
             code="invalid_value",
         )
     return ImageRequest(
-        prompt=given["prompt"],
+        prompt=given.get("prompt", ""),  # a variation has none
         model=model,
         n=n,
         size=size,
@@ -115,7 +125,51 @@ def check_capabilities(body: dict, route: Route) -> ImageRequest:
         style=style,
         user=given.get("user"),
         options=options,
+        operation=operation,
+        form=form,
     )
+
+
+def check_uploads(form: Form, model: str, operation: str, caps: Capabilities) -> None:
+    """The input images against what the model takes for this operation (its `edits:` or
+    `variations:` capabilities): count, kind, size, squareness, and the mask's fit."""
+    limits: UploadLimits | None = caps.edits if operation == "edit" else caps.variations
+    if limits is None:
+        raise invalid_request(f"The model '{model}' does not support {OPERATION_NAMES[operation]}.", param="model", code="unsupported_operation")
+    if not form.images:
+        raise invalid_request("Missing required parameter: 'image' (a file upload).", param="image", code="missing_required_parameter")
+    if len(form.images) > limits.max_images:
+        allowed = "one image" if limits.max_images == 1 else f"at most {limits.max_images} images"
+        raise invalid_request(f"Invalid 'image': {model} takes {allowed}, got {len(form.images)}.", param="image", code="too_many_images")
+    for upload in form.images:
+        if upload.kind not in limits.image_types:
+            raise invalid_request(
+                f"Invalid 'image': {model} takes {_or_list(tuple(t.upper() for t in limits.image_types))} images, got {upload.kind.upper()}.",
+                param="image", code="invalid_image_format",
+            )
+        if upload.size > limits.max_image_bytes:
+            raise invalid_request(
+                f"Invalid 'image': {model} takes images of at most {limits.max_image_bytes} bytes, got {upload.size}.",
+                param="image", code="image_too_large",
+            )
+        if limits.square and upload.width is not None and upload.width != upload.height:
+            raise invalid_request(
+                f"Invalid 'image': {model} takes square images, got {upload.width}x{upload.height}.", param="image", code="invalid_image_dimensions"
+            )
+    mask, first = form.mask, form.images[0]
+    if mask is None:
+        return
+    if not limits.mask:
+        raise invalid_request(f"'mask' is not supported by {model} for {OPERATION_NAMES[operation]}.", param="mask", code="unsupported_parameter")
+    if mask.kind != "png":
+        raise invalid_request(f"Invalid 'mask': it must be a PNG image, got {mask.kind.upper()}.", param="mask", code="invalid_image_format")
+    if mask.size > MASK_MAX_BYTES:
+        raise invalid_request(f"Invalid 'mask': at most {MASK_MAX_BYTES} bytes, got {mask.size}.", param="mask", code="image_too_large")
+    if first.width is not None and (mask.width, mask.height) != (first.width, first.height):
+        raise invalid_request(
+            f"Invalid 'mask': it must have the dimensions of the first image ({first.width}x{first.height}), got {mask.width}x{mask.height}.",
+            param="mask", code="invalid_image_dimensions",
+        )
 
 
 def _check_size(size: str, model: str, caps: Capabilities) -> None:

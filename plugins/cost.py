@@ -90,6 +90,10 @@ KEY_SETTINGS = {
 FREE = {"per_image": {"*": {"*": 0.0}}}
 
 TOKEN_ESTIMATE_CHARS = 2  # worst case for the prompt's tokens: one token per two characters
+# Worst case for the tokens of one input image of an edit (or its mask). A bound on what an
+# upstream's usage may bill, not a price: OpenAI counts a 1024x1024 input at about 3,000
+# tokens with input_fidelity high, fewer with low.
+INPUT_IMAGE_TOKENS_MAX = 8192
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,9 @@ class CostPlugin:
         cost = images * price.image(request.quality, request.size)
         if price.per_token:
             cost += len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
+            if request.form is not None:
+                inputs = len(request.form.images) + (request.form.mask is not None)
+                cost += inputs * INPUT_IMAGE_TOKENS_MAX * price.per_token["image_input"] / 1e6
         return cost
 
     def cost(self, ctx, outcome) -> float:
@@ -297,6 +304,7 @@ class CostPlugin:
             "model": ctx.target.model.name,  # the target that served (a fallback's when one did)
             "provider": ctx.target.provider.name,
             "requested_model": ctx.route.model.name,
+            "operation": ctx.request.operation,
             "attempts": outcome.attempts,
             "n": ctx.request.n,
             "images": outcome.images,

@@ -165,7 +165,7 @@ class ModerationPlugin:
                     await self._refuse(ctx, f"the category '{category.name}'")
                 if action == "flag":
                     self._log_flag(ctx, category.name)
-        if self.upstream is not None:
+        if self.upstream is not None and ctx.request.prompt:  # a variation has no text to check
             await self._ask_moderation_model(ctx, level)
 
     @hookimpl

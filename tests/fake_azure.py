@@ -42,11 +42,13 @@ class FakeAzureOpenAI(FakeUpstream):
         self.stable = azure_validator("imageGenerationsRequest")
         self.preview = openai_validator("CreateImageRequest")
         self.answers = azure_validator("generateImagesResponse")
+        self.uploads: list = []  # per edit: (field name, content type, bytes) of each file
         self.errors = azure_validator("dalleErrorResponse")
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/openai/deployments/{deployment}/images/generations", self.generations)
+        app.router.add_post("/openai/deployments/{deployment}/images/edits", self.edits)
         app.router.add_get("/files/{name}", self.file)
         return app
 
@@ -62,6 +64,24 @@ class FakeAzureOpenAI(FakeUpstream):
         from tests.fakes import FAKE_PNG
 
         return web.Response(body=FAKE_PNG, content_type="image/png")
+
+    async def edits(self, request: web.Request) -> web.StreamResponse:
+        """GPT image deployments' edits (api-version 2025-04-01-preview and later): OpenAI's
+        multipart form without `model`, the answer with Azure's filter annotations."""
+        self.paths.append(request.raw_path)
+        if not self.authorized(request):
+            return self.error(401, {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint."})
+        body = await FakeOpenAI.record_form(self, request, "CreateImageEditRequest")
+        if "model" in body:
+            self.invalid.append("Azure takes no 'model': the deployment decides")
+        if not self.deployments.get(request.match_info["deployment"], "").startswith("gpt-image"):
+            return self.error(404, {"code": "DeploymentNotFound", "message": "The API deployment for this resource does not exist."})
+        cued = await self.answer_cue(request)
+        if cued is not None:
+            return cued
+        item = {"b64_json": FAKE_B64, "content_filter_results": filter_results()}
+        usage = {"total_tokens": 4500, "input_tokens": 340, "output_tokens": 4160, "input_tokens_details": {"text_tokens": 100, "image_tokens": 240}}
+        return web.json_response({"created": int(time.time()), "data": [item] * (body.get("n") or 1), "usage": usage})
 
     async def generations(self, request: web.Request) -> web.StreamResponse:
         self.paths.append(request.raw_path)

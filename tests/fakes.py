@@ -129,10 +129,14 @@ class FakeOpenAI(FakeUpstream):
         self.image_b64 = FAKE_B64  # what b64_json carries; a test may make it large
         self.moderation_requests: list[dict] = []
         self.moderation_cues: list[Cue] = []
+        # Per edit or variation: the files received, as (field name, content type, bytes).
+        self.uploads: list[list[tuple[str, str, bytes]]] = []
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # uploads to edit, as OpenAI takes them
         app.router.add_post("/v1/images/generations", self.generations)
+        app.router.add_post("/v1/images/edits", self.edits)
+        app.router.add_post("/v1/images/variations", self.variations)
         app.router.add_post("/v1/moderations", self.moderations)
         app.router.add_get("/files/{name}", self.file)
         return app
@@ -174,11 +178,62 @@ class FakeOpenAI(FakeUpstream):
 
     async def generations(self, request: web.Request) -> web.StreamResponse:
         if not self.authorized(request):
-            return web.json_response(
-                {"error": {"message": "Incorrect API key provided: sk-up***789.", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
-                status=401,
-            )
+            return self.wrong_key()
         body = await self.record(request, self.validator)
+        return await self.images(request, body, "image_generation")
+
+    async def edits(self, request: web.Request) -> web.StreamResponse:
+        if not self.authorized(request):
+            return self.wrong_key()
+        body = await self.record_form(request, "CreateImageEditRequest")
+        return await self.images(request, body, "image_edit")
+
+    async def variations(self, request: web.Request) -> web.StreamResponse:
+        if not self.authorized(request):
+            return self.wrong_key()
+        body = await self.record_form(request, "CreateImageVariationRequest")
+        return await self.images(request, {"prompt": "", **body}, "image_generation")
+
+    async def record_form(self, request: web.Request, schema: str) -> dict:
+        """A multipart edit or variation as OpenAI reads it: text fields typed as the spec
+        types them, files kept in `uploads`; the whole checked against the spec's schema."""
+        if request.content_type != "multipart/form-data":
+            self.invalid.append(f"{schema} sent as {request.content_type}")
+            return {}
+        body, files = {}, []
+        async for part in await request.multipart():
+            data = await part.read()
+            if part.filename is not None:
+                files.append((part.name, part.headers.get("Content-Type", ""), bytes(data)))
+            elif part.name in body:
+                self.invalid.append(f"{schema}: field {part.name} sent twice")
+            else:
+                body[part.name] = data.decode()
+        for name in ("n", "output_compression", "partial_images"):
+            if name in body and body[name].isdigit():
+                body[name] = int(body[name])
+        if "stream" in body:
+            body["stream"] = body["stream"] == "true"
+        images = [name for name, _, _ in files if name in ("image", "image[]")]
+        if images:
+            body["image"] = "<file>" if images == ["image"] else ["<file>"] * len(images)
+            if len(images) > 1 and set(images) != {"image[]"}:
+                self.invalid.append(f"{schema}: several images not all sent as image[]")
+        if any(name == "mask" for name, _, _ in files):
+            body["mask"] = "<file>"
+        self.invalid.extend(e.message for e in openai_validator(schema).iter_errors(body))
+        self.requests.append(body)
+        self.headers.append(request.headers.copy())
+        self.uploads.append(files)
+        return body
+
+    def wrong_key(self) -> web.Response:
+        return web.json_response(
+            {"error": {"message": "Incorrect API key provided: sk-up***789.", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
+            status=401,
+        )
+
+    async def images(self, request: web.Request, body: dict, event: str) -> web.StreamResponse:
         cued = await self.answer_cue(request)
         if cued is not None:
             return cued
@@ -192,7 +247,7 @@ class FakeOpenAI(FakeUpstream):
             )
         usage = {"total_tokens": 100, "input_tokens": 50, "output_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}}
         if body.get("stream"):
-            return await self.stream(request, body, usage)
+            return await self.stream(request, body, usage, event)
         data = []
         for i in range(body.get("n") or 1):
             item = {"b64_json": self.image_b64} if gpt_image or body.get("response_format") == "b64_json" else {"url": f"{self.base_url}/files/img-{i}.png?se=2026"}
@@ -204,17 +259,17 @@ class FakeOpenAI(FakeUpstream):
             answer.update(usage=usage, background="opaque", output_format=body.get("output_format", "png"), size="1024x1024", quality="high")
         return web.json_response(answer)
 
-    async def stream(self, request: web.Request, body: dict, usage: dict) -> web.StreamResponse:
+    async def stream(self, request: web.Request, body: dict, usage: dict, event_prefix: str = "image_generation") -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         common = {"created_at": int(time.time()), "size": "1024x1024", "quality": "high", "background": "opaque", "output_format": "png"}
         for i in range(body.get("partial_images") or 0):
-            event = {"type": "image_generation.partial_image", "b64_json": FAKE_B64, "partial_image_index": i, **common}
-            await resp.write(f"event: image_generation.partial_image\ndata: {json.dumps(event)}\n\n".encode())
+            event = {"type": f"{event_prefix}.partial_image", "b64_json": FAKE_B64, "partial_image_index": i, **common}
+            await resp.write(f"event: {event_prefix}.partial_image\ndata: {json.dumps(event)}\n\n".encode())
             if self.hold is not None:
                 await self.hold.wait()
-        event = {"type": "image_generation.completed", "b64_json": FAKE_B64, "usage": usage, **common}
-        await resp.write(f"event: image_generation.completed\ndata: {json.dumps(event)}\n\n".encode())
+        event = {"type": f"{event_prefix}.completed", "b64_json": FAKE_B64, "usage": usage, **common}
+        await resp.write(f"event: {event_prefix}.completed\ndata: {json.dumps(event)}\n\n".encode())
         await resp.write_eof()
         return resp
 

@@ -72,7 +72,8 @@ async def test_capabilities_are_those_requests_are_checked_against(client):
     assert sdxl["imgproxy"]["provider"] == "stability" and sdxl["imgproxy"]["provider_type"] == "stability"
     assert sdxl["imgproxy"]["aliases"] == ["sdxl"]
     gpt = models["gpt-image-1"]["imgproxy"]
-    assert gpt["parameters"] == ["background", "output_format", "output_compression", "stream", "partial_images"]
+    assert gpt["parameters"] == ["background", "output_format", "output_compression", "stream", "partial_images", "input_fidelity"]
+    assert gpt["edits"]["max_images"] == 16 and gpt["variations"] is None and models["dall-e-3"]["imgproxy"]["edits"] is None
     assert gpt["qualities"] == ["auto", "low", "medium", "high"] and gpt["default_response_format"] == "b64_json"
     placeholder = models["placeholder"]["imgproxy"]
     assert placeholder["custom_sizes"] == {"min": 64, "max": 2048, "multiple_of": 8}

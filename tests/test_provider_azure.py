@@ -16,7 +16,7 @@ from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
 from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body, serve_fake
 from tests.fake_azure import FakeAzureOpenAI
-from tests.fakes import FAKE_PNG, FakeUpstream
+from tests.fakes import FAKE_PNG, FakeUpstream, tiny_png
 from tests.conftest import usage_records as records
 
 URL = "/v1/images/generations"
@@ -138,6 +138,17 @@ async def test_a_gpt_image_deployment_streams_events_and_is_billed_by_their_usag
     assert (sent["stream"], sent["partial_images"]) == (True, 1) and "model" not in sent
     (record,) = await records(tmp_path / "usage.jsonl")
     assert record["cost_usd"] == pytest.approx(100 * 5 / 1e6 + 4160 * 40 / 1e6)  # the completed event's usage
+
+
+async def test_a_gpt_image_deployment_edits_with_the_sdk(client, sdk_for, fake_azure, tmp_path):
+    image = tiny_png(8, 8)
+    result = await sdk_for(client).images.edit(model="azure-gpt-image-1", image=[("a.png", image, "image/png")] * 2, prompt="p", n=2)
+    assert [base64.b64decode(item.b64_json) for item in result.data] == [FAKE_PNG, FAKE_PNG]
+    assert fake_azure.paths[-1] == "/openai/deployments/team%20gpt%2Fimage/images/edits?api-version=2025-04-01-preview"
+    assert [(name, data) for name, _, data in fake_azure.uploads[-1]] == [("image[]", image), ("image[]", image)]
+    assert fake_azure.requests[-1]["n"] == 2 and "model" not in fake_azure.requests[-1]
+    (record,) = await records(tmp_path / "usage.jsonl")
+    assert record["operation"] == "edit" and record["cost_usd"] == pytest.approx((100 * 5 + 240 * 10 + 4160 * 40) / 1e6)
 
 
 # --- parameters: passed, translated, refused --------------------------------------------------

@@ -3,13 +3,15 @@ front of FakeOpenAI), and a host that takes its key bare in X-Api-Key and fails 
 
 import json
 
+import aiohttp
+
 import pytest
 
 from imgproxy.config import ConfigError
 from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
 from tests.conftest import AUTH, CLIENT_KEY, assert_each_image_is, assert_error, images_body, serve_fake
-from tests.fakes import FAKE_PNG, FakeUpstream
+from tests.fakes import FAKE_PNG, FakeUpstream, tiny_png
 from tests.fakes_v2 import FakeCompatibleHost
 
 URL = "/v1/images/generations"
@@ -201,3 +203,24 @@ models:
     with pytest.raises(ConfigError) as caught:
         await Gateway.load(text=text, env={})
     assert caught.value.path == "providers.host.options." + options[1:].split(":")[0]
+
+
+async def test_edits_and_variations_through_two_gateways_arrive_byte_for_byte(compat_client, fake_openai, sdk_for):
+    # The first gateway's upstream form is the second gateway's input: each reads what the other writes.
+    sdk = sdk_for(await compat_client())
+    image, mask = tiny_png(16, 16, b"\x09\x08\x07"), tiny_png(16, 16, b"\x00\x00\x00")
+    edited = await sdk.images.edit(model="dall-e-2", image=("a.png", image, "image/png"), mask=("m.png", mask, "image/png"), prompt="a hat", response_format="b64_json")
+    varied = await sdk.images.create_variation(model="dall-e-2", image=("a.png", image, "image/png"), n=2, response_format="b64_json")
+    assert len(edited.data) == 1 and len(varied.data) == 2
+    assert [[(name, data) for name, _, data in files] for files in fake_openai.uploads] == [[("image", image), ("mask", mask)], [("image", image)]]
+    assert fake_openai.requests[0]["prompt"] == "a hat" and "prompt" not in fake_openai.requests[1]
+
+
+async def test_a_model_of_a_host_without_edits_capabilities_refuses_edits(compat_client, fake_host):
+    client = await compat_client()
+    form = aiohttp.FormData()
+    form.add_field("model", "flux")
+    form.add_field("prompt", "p")
+    form.add_field("image", tiny_png(), filename="a.png", content_type="image/png")
+    await assert_error(await client.post("/v1/images/edits", data=form, headers=AUTH), 400, "unsupported_operation", "model")
+    assert fake_host.requests == []

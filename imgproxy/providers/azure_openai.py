@@ -54,10 +54,10 @@ class AzureOpenAIProvider(OpenAIProvider):
         if unknown:
             raise ConfigError("<config>", [*where, unknown[0]], "unknown option (known: api_version, auth)")
 
-    def endpoint(self, target: Target) -> str:
+    def endpoint(self, target: Target, operation: str = "generations") -> str:
         deployment = quote(target.model.upstream_model, safe="")  # one path segment, whatever its name
         query = urlencode({"api-version": self.api_version})
-        return f"{self.config.base_url}/openai/deployments/{deployment}/images/generations?{query}"
+        return f"{self.config.base_url}/openai/deployments/{deployment}/images/{operation}?{query}"
 
     def auth_headers(self, key: str) -> dict:
         return {"Authorization": f"Bearer {key}"} if self.auth == "bearer" else {"api-key": key}

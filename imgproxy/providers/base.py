@@ -56,6 +56,22 @@ class Provider:
     ) -> ImagesResult | StreamedReply:
         raise NotImplementedError
 
+    async def edit(self, request: ImageRequest, target: "Target", plan: "Plan", call: "UpstreamCall") -> ImagesResult | StreamedReply:
+        """An edit: `request.form` holds the input images (and mask) the core checked against
+        the model's `edits` capabilities. Adapters that edit override this."""
+        raise self.cannot("image edits", request.model)
+
+    async def vary(self, request: ImageRequest, target: "Target", plan: "Plan", call: "UpstreamCall") -> ImagesResult | StreamedReply:
+        """A variation of `request.form.images[0]`. Adapters that make variations override this."""
+        raise self.cannot("image variations", request.model)
+
+    def cannot(self, operation: str, model: str) -> GatewayError:
+        # A model described with edits/variations capabilities its adapter does not implement.
+        return GatewayError(
+            400, f"The model '{model}' is served by the provider '{self.config.name}' ({self.type}), which does not do {operation}.",
+            param="model", code="unsupported_operation",
+        )
+
     def upstream_error_for_status(self, status: int, error_body: bool = False) -> GatewayError:
         """The error for an upstream status the adapter has no better reading of. `error_body`:
         the provider said, in its own error format, that it failed (so it generated nothing)."""

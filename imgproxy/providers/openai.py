@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import aiohttp
+
 from ..catalog import load_models
 from ..errors import GatewayError, UpstreamError, upstream_error
 from ..inline_images import RESPONSE_ENUMS, valid_usage
@@ -24,23 +26,25 @@ class OpenAIProvider(Provider):
     models = load_models(__name__, "openai.yaml")
 
     async def generate(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult | StreamedReply:
+        return await self.post(request, plan, call, self.endpoint(target), json=self.build_body(request, target, plan.upstream_format))
+
+    async def edit(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult | StreamedReply:
+        return await self.post(request, plan, call, self.endpoint(target, "edits"), data=self.build_form(request, target, plan.upstream_format))
+
+    async def vary(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult | StreamedReply:
+        return await self.post(request, plan, call, self.endpoint(target, "variations"), data=self.build_form(request, target, plan.upstream_format))
+
+    async def post(self, request: ImageRequest, plan: Plan, call: UpstreamCall, url: str, **body) -> ImagesResult | StreamedReply:
         key = self.require_key(request.model)
-        resp = await self.upstream.send(
-            call,
-            self.config,
-            "POST",
-            self.endpoint(target),
-            json=self.build_body(request, target, plan.upstream_format),
-            headers=self.auth_headers(key),
-        )
+        resp = await self.upstream.send(call, self.config, "POST", url, headers=self.auth_headers(key), **body)
         try:
             return await self.answer(request, plan, resp)
         except BaseException:
             resp.release()
             raise
 
-    def endpoint(self, target: Target) -> str:
-        return f"{self.config.base_url}/images/generations"
+    def endpoint(self, target: Target, operation: str = "generations") -> str:
+        return f"{self.config.base_url}/images/{operation}"
 
     def auth_headers(self, key: str) -> dict:
         return {"Authorization": f"Bearer {key}"}
@@ -82,6 +86,26 @@ class OpenAIProvider(Provider):
             body["moderation"] = request.moderation
         body.update(request.options)
         return body
+
+    def build_form(self, request: ImageRequest, target: Target, upstream_format: str | None) -> aiohttp.FormData:
+        """An edit's or a variation's multipart form, as OpenAI's SDK sends it: the parameters
+        as text, one `image` (or several `image[]`) and the `mask` streamed from where the
+        gateway keeps them (imgproxy.uploads), under names of our own, not the client's."""
+        fields = self.build_body(request, target, upstream_format)
+        fields.pop("moderation", None)  # a parameter of generations only
+        if request.operation == "variation":
+            fields.pop("prompt")
+            fields.pop("quality", None)
+        form = aiohttp.FormData()
+        for name, value in fields.items():
+            form.add_field(name, str(value).lower() if isinstance(value, bool) else str(value))
+        uploads = request.form
+        name = "image" if len(uploads.images) == 1 else "image[]"
+        for index, upload in enumerate(uploads.images):
+            form.add_field(name, upload.payload(), filename=f"image-{index}.{upload.kind}", content_type=upload.content_type)
+        if uploads.mask is not None:
+            form.add_field("mask", uploads.mask.payload(), filename="mask.png", content_type="image/png")
+        return form
 
     def parse(self, body: dict, request: ImageRequest, decoded: list[bytearray | None] | None = None) -> ImagesResult:
         """`decoded`: the images of a body read by read_inline_images, whose b64_json values

@@ -27,10 +27,17 @@ class PlaceholderProvider(Provider):
     models = load_models(__name__, "placeholder.yaml")
 
     async def generate(self, request: ImageRequest, target, plan, call) -> ImagesResult:
+        return await self.draw(request, request.prompt)
+
+    async def edit(self, request: ImageRequest, target, plan, call) -> ImagesResult:
+        # Another picture for other input images: the seed covers their bytes too.
+        return await self.draw(request, "\0".join([request.prompt, *(image.digest for image in request.form.images)]))
+
+    vary = edit
+
+    async def draw(self, request: ImageRequest, seed: str) -> ImagesResult:
         width, _, height = request.size.replace("auto", "1024x1024").partition("x")
-        pngs = await asyncio.to_thread(
-            lambda: [placeholder_png(request.prompt, int(width), int(height), index) for index in range(request.n)]
-        )
+        pngs = await asyncio.to_thread(lambda: [placeholder_png(seed, int(width), int(height), index) for index in range(request.n)])
         images = [GeneratedImage(b64_json=base64.b64encode(png).decode(), content_type="image/png") for png in pngs]
         return ImagesResult(created=int(time.time()), images=images)
 

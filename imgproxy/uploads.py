@@ -1,0 +1,237 @@
+"""The multipart/form-data bodies of /v1/images/edits and /v1/images/variations.
+
+Read part by part as they arrive (aiohttp's MultipartReader), bounded, with each uploaded
+image recognised by its bytes (not by the name or type the client gave it) and kept where it
+can be sent again: small ones in memory, the rest in a private temporary file. So a large
+upload is never held whole, and a retry or a fallback sends the same bytes once more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from .errors import GatewayError, invalid_request
+
+FILE_FIELDS = ("image", "image[]", "mask")
+# The form's text fields are short: the longest is a prompt of 32,000 characters.
+MAX_TEXT_BYTES = 256 * 1024
+MAX_PARTS = 64  # 16 images, a mask and every parameter fit many times over
+IN_MEMORY_BYTES = 1024 * 1024  # a larger upload goes to a temporary file
+WRITE_BYTES = 1024 * 1024  # written to that file a mebibyte at a time, off the event loop
+CHUNK = 64 * 1024
+TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_TRANSFER_ENCODINGS = {"", "binary", "8bit", "7bit"}
+_INTEGER = re.compile(r"[0-9]{1,9}")
+
+
+@dataclass
+class Upload:
+    """One uploaded image: its kind (png, jpeg, webp) read from its first bytes, its size and
+    SHA-256, and its PNG dimensions when it is a PNG."""
+
+    field: str  # image or mask
+    kind: str
+    size: int = 0
+    digest: str = ""
+    width: int | None = None
+    height: int | None = None
+    _data: bytes | None = None
+    _path: str | None = None
+
+    @property
+    def content_type(self) -> str:
+        return TYPES[self.kind]
+
+    def payload(self):
+        """The bytes for one upstream request: a new file object each time (aiohttp closes it
+        once sent), so every attempt sends the whole image."""
+        return self._data if self._path is None else open(self._path, "rb")  # noqa: SIM115 (closed by aiohttp)
+
+    def read(self) -> bytes:
+        if self._path is None:
+            return self._data
+        with open(self._path, "rb") as file:
+            return file.read()
+
+    def discard(self) -> None:
+        if self._path is not None:
+            os.unlink(self._path)
+            self._path = None
+
+
+@dataclass
+class Form:
+    fields: dict[str, str] = field(default_factory=dict)
+    images: list[Upload] = field(default_factory=list)
+    mask: Upload | None = None
+
+    def discard(self) -> None:
+        for upload in (*self.images, self.mask):
+            if upload is not None:
+                upload.discard()
+
+
+async def read_form(http: web.Request, max_bytes: int) -> Form:
+    """The request's form, or a clear 400/413/415. On any error nothing is left on disk."""
+    if http.content_type != "multipart/form-data":
+        raise GatewayError(
+            415,
+            f"Expected a multipart/form-data body (the image as a file upload), got '{http.content_type or 'none'}'.",
+            code="unsupported_media_type",
+        )
+    if http.content_length is not None and http.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    form, budget = Form(), _Budget(max_bytes)
+    try:
+        reader = await http.multipart()
+        for _ in range(MAX_PARTS + 1):
+            part = await reader.next()
+            if part is None:
+                return form
+            await _read_part(part, form, budget)
+        raise invalid_request(f"The form has more than {MAX_PARTS} parts.", code="invalid_multipart")
+    except GatewayError:
+        form.discard()
+        raise
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError, web.RequestPayloadError) as exc:
+        # The multipart parser's own complaints (a missing boundary, a broken body): the
+        # class name only, since its message may quote the client's bytes back.
+        form.discard()
+        raise invalid_request(
+            f"The request body is not a valid multipart/form-data body ({type(exc).__name__}).", code="invalid_multipart"
+        ) from None
+    except BaseException:
+        form.discard()
+        raise
+
+
+async def _read_part(part, form: Form, budget: "_Budget") -> None:
+    if not isinstance(part, BodyPartReader) or not part.name:
+        raise invalid_request("Every part of the form must be a named field (no nested multipart).", code="invalid_multipart")
+    name = part.name
+    if part.headers.get("Content-Transfer-Encoding", "").lower() not in _TRANSFER_ENCODINGS or "Content-Encoding" in part.headers:
+        raise invalid_request(f"The form field '{_shown(name)}' is encoded; send it as plain bytes.", code="invalid_multipart")
+    if name in FILE_FIELDS:
+        upload = await _read_upload(part, "mask" if name == "mask" else "image", budget)
+        if name == "mask":
+            if form.mask is not None:
+                upload.discard()
+                raise invalid_request("The form has more than one 'mask'.", param="mask", code="invalid_multipart")
+            form.mask = upload
+        else:
+            form.images.append(upload)
+        return
+    if name in form.fields:
+        raise invalid_request(f"The form field '{_shown(name)}' is given twice.", param=_shown(name), code="invalid_multipart")
+    raw = bytearray()
+    while chunk := await part.read_chunk(CHUNK):
+        budget.take(len(chunk))
+        raw += chunk
+        if len(raw) > MAX_TEXT_BYTES:
+            raise invalid_request(f"The form field '{_shown(name)}' is longer than {MAX_TEXT_BYTES} bytes.", param=_shown(name), code="invalid_value")
+    try:
+        form.fields[name] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_request(f"The form field '{_shown(name)}' is not UTF-8 text.", param=_shown(name), code="invalid_value") from None
+
+
+async def _read_upload(part, kind_of_field: str, budget: "_Budget") -> Upload:
+    """Recognise the image by its first bytes, then keep it (memory or file) and hash it."""
+    head = bytearray()
+    while len(head) < 32 and (chunk := await part.read_chunk(CHUNK)):
+        head += chunk
+    kind = image_kind(bytes(head))
+    if kind is None:
+        raise invalid_request(
+            f"The uploaded '{kind_of_field}' is not a PNG, JPEG or WebP image.", param=kind_of_field, code="invalid_image_format"
+        )
+    upload = Upload(kind_of_field, kind)
+    upload.width, upload.height = png_dimensions(bytes(head)) if kind == "png" else (None, None)
+    digest, pending, file = hashlib.sha256(), bytearray(), None
+    chunk = bytes(head)
+    try:
+        while chunk:
+            budget.take(len(chunk))
+            digest.update(chunk)
+            upload.size += len(chunk)
+            pending += chunk
+            if file is None and len(pending) > IN_MEMORY_BYTES:
+                fd, upload._path = tempfile.mkstemp(prefix="imgproxy-upload-")  # mode 0600
+                file = os.fdopen(fd, "wb")
+            if file is not None and len(pending) >= WRITE_BYTES:
+                await asyncio.to_thread(file.write, bytes(pending))
+                pending.clear()
+            chunk = await part.read_chunk(CHUNK)
+        if file is None:
+            upload._data = bytes(pending)
+        else:
+            await asyncio.to_thread(file.write, bytes(pending))
+    except BaseException:
+        upload.discard()
+        raise
+    finally:
+        if file is not None:
+            file.close()
+    upload.digest = digest.hexdigest()
+    return upload
+
+
+def image_kind(head: bytes) -> str | None:
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def png_dimensions(head: bytes) -> tuple[int | None, int | None]:
+    """Width and height from a PNG's IHDR chunk (bytes 16 to 24), if the head holds it."""
+    if len(head) < 24 or head[12:16] != b"IHDR":
+        return None, None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def typed_fields(fields: dict[str, str], integers: tuple[str, ...], booleans: tuple[str, ...]) -> dict:
+    """Form text as the JSON values the request schema checks: digits become integers and
+    true/false booleans; anything else stays text, for the schema to refuse clearly."""
+    typed: dict = dict(fields)
+    for name in integers:
+        if name in typed and _INTEGER.fullmatch(typed[name]):
+            typed[name] = int(typed[name])
+    for name in booleans:
+        if name in typed and typed[name] in ("true", "false"):
+            typed[name] = typed[name] == "true"
+    return typed
+
+
+class _Budget:
+    """The bytes of the whole form, counted as they are read (a chunked or compressed body has
+    no Content-Length to refuse early)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.limit = limit
+
+    def take(self, count: int) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise _too_large(self.limit)
+
+
+def _too_large(max_bytes: int) -> GatewayError:
+    return GatewayError(413, f"The uploaded form is larger than the {max_bytes} bytes this gateway accepts.", code="request_too_large")
+
+
+def _shown(name: str) -> str:
+    """A field name fit to quote back: printable ASCII, bounded."""
+    return re.sub(r"[^A-Za-z0-9_\[\]-]", "?", name[:64])
