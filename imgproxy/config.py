@@ -96,6 +96,7 @@ class ModelConfig:
     fallbacks: tuple[str, ...] = ()  # public model names tried in order when this one cannot serve
     fallback_strictness: str = "translate"  # translate | skip
     deadline: float | None = None  # seconds for all attempts together; None: the first target's timeout
+    unsupported_parameters: str = "refuse"  # refuse | drop (imgproxy.validation.check_capabilities)
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,7 @@ def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
         model = ModelConfig(
             name, spec["provider"], upstream, tuple(spec.get("aliases", ())), caps, spec.get("timeout"), catalog,
             tuple(spec.get("fallbacks", ())), spec.get("fallback_strictness", "translate"), spec.get("deadline"),
+            unsupported_parameters=spec.get("unsupported_parameters", "refuse"),
         )
         for public in (name, *model.aliases):
             if public in public_names:

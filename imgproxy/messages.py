@@ -33,6 +33,11 @@ class ImageRequest:
     user: str | None = None
     # Optional GPT-image parameters the client gave: background, output_format, ... .
     options: dict[str, Any] = field(default_factory=dict)
+    # Parameters the client gave that the upstream call leaves out (the model's
+    # `unsupported_parameters: drop`, or a fallback's translation): x-imgproxy-dropped-params.
+    dropped: tuple[str, ...] = ()
+    # The optional parameters the client gave itself (quality and style may be defaults).
+    given: frozenset[str] = frozenset()
 
     @property
     def stream(self) -> bool:

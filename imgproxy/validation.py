@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import schemafiles, untrusted_json
-from .catalog import OPTIONAL_PARAMETERS, Capabilities
+from .catalog import NEVER_DROPPED, OPTIONAL_PARAMETERS, Capabilities
 from .errors import GatewayError, invalid_request
 from .messages import ImageRequest
 from .routing import Route
@@ -70,10 +70,15 @@ def check_schema(body: dict) -> None:
 
 
 def check_capabilities(body: dict, route: Route) -> ImageRequest:
-    """Refuse what the model cannot do; fill in its defaults."""
+    """Refuse what the model cannot do; fill in its defaults. With the model's
+    `unsupported_parameters: drop`, a parameter it does not take at all is left out of the
+    upstream call and named in `ImageRequest.dropped` (the x-imgproxy-dropped-params header)
+    instead; a value out of a parameter's range is still refused: dropping it would change what
+    is made and what it costs without a word."""
     model = route.model.name
     caps = route.model.capabilities
     given = {k: v for k, v in body.items() if v is not None}
+    dropped: list[str] | None = [] if route.model.unsupported_parameters == "drop" else None
 
     if len(given["prompt"]) > caps.max_prompt_length:
         raise invalid_request(
@@ -88,13 +93,16 @@ def check_capabilities(body: dict, route: Route) -> ImageRequest:
 
     size = given.get("size", caps.default_size)
     _check_size(size, model, caps)
-    quality = _choose(given, "quality", caps.qualities, caps.default_quality, model)
-    style = _choose(given, "style", caps.styles, caps.default_style, model)
+    quality = _choose(given, "quality", caps.qualities, caps.default_quality, model, dropped)
+    style = _choose(given, "style", caps.styles, caps.default_style, model, dropped)
 
     options = {}
     for name in OPTIONAL_PARAMETERS:
         if name in given:
             if name not in caps.parameters:
+                if dropped is not None and name not in NEVER_DROPPED:
+                    dropped.append(name)
+                    continue
                 raise invalid_request(f"'{name}' is not supported by {model}.", param=name, code="unsupported_parameter")
             options[name] = given[name]
     response_format = given.get("response_format", caps.default_response_format)
@@ -103,6 +111,13 @@ def check_capabilities(body: dict, route: Route) -> ImageRequest:
             "stream=true returns base64 images as server-sent events; response_format 'url' cannot be streamed.",
             param="response_format",
             code="invalid_value",
+        )
+    if options.get("stream") and n > caps.n_per_call:
+        raise invalid_request(
+            f"stream=true takes n up to {caps.n_per_call} on {model}: more images are made by separate upstream "
+            "calls, whose events cannot be streamed as one answer.",
+            param="n",
+            code="invalid_n",
         )
     return ImageRequest(
         prompt=given["prompt"],
@@ -115,6 +130,8 @@ def check_capabilities(body: dict, route: Route) -> ImageRequest:
         style=style,
         user=given.get("user"),
         options=options,
+        dropped=tuple(dropped or ()),
+        given=frozenset(name for name in ("quality", "style") if name in given) | frozenset(options),
     )
 
 
@@ -127,11 +144,14 @@ def _check_size(size: str, model: str, caps: Capabilities) -> None:
     raise invalid_request(f"Invalid size for {model}: must be {allowed}", param="size", code="invalid_size")
 
 
-def _choose(given: dict, param: str, allowed: tuple[str, ...], default: str | None, model: str) -> str | None:
+def _choose(given: dict, param: str, allowed: tuple[str, ...], default: str | None, model: str, dropped: list | None) -> str | None:
     if param not in given:
         return default
     value = given[param]
     if not allowed:
+        if dropped is not None:  # the model takes no such parameter at all
+            dropped.append(param)
+            return default
         raise invalid_request(f"'{param}' is not supported by {model}.", param=param, code="unsupported_parameter")
     if value not in allowed:
         raise invalid_request(

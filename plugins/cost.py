@@ -294,6 +294,7 @@ class CostPlugin:
             "error": outcome.error_code,
             "user": ctx.user_hash,
             **({"undelivered_billed": outcome.undelivered_billed} if outcome.undelivered_billed else {}),
+            **({"dropped_params": list(ctx.request.dropped)} if ctx.request.dropped else {}),
             **({"cut": True} if outcome.cut else {}),
         }
 
