@@ -166,6 +166,8 @@ def translate(request: ImageRequest, model: str, caps: Capabilities, strictness:
     gave and the fallback leaves out is added to `dropped` (x-imgproxy-dropped-params)."""
     if request.n > caps.max_n or len(request.prompt) > caps.max_prompt_length:
         return None
+    if request.stream and request.n > caps.n_per_call:  # separate calls' events cannot be one stream
+        return None
     dropped = list(request.dropped)
     options = dict(request.options)
     for name in request.options:

@@ -254,7 +254,9 @@ class CostPlugin:
         request, price = ctx.request, self.prices[ctx.target.model.name]
         cost = images * price.image(request.quality, request.size)
         if price.per_token:
-            cost += len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
+            # Each upstream call of a fanned-out n reads (and bills) the prompt again.
+            calls = max(1, -(-images // ctx.target.model.capabilities.n_per_call))
+            cost += calls * len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
         return cost
 
     def cost(self, ctx, outcome) -> float:

@@ -24,6 +24,11 @@ class OpenAIProvider(Provider):
     models = load_models(__name__, "openai.yaml")
 
     async def generate(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult | StreamedReply:
+        # n above the model's max_n_per_call (dall-e-3 takes 1; a host may take fewer than its
+        # models' max_n): parallel calls, merged. The plan then never streams an answer through.
+        return await self.fan_out(request, target, call, lambda sub, sub_call: self.generate_once(sub, target, plan, sub_call))
+
+    async def generate_once(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult | StreamedReply:
         key = self.require_key(request.model)
         resp = await self.upstream.send(
             call,
