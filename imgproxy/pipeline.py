@@ -161,6 +161,8 @@ async def attempt_target(ctx: RequestContext, target: Target, deadline: float, b
         headers["x-imgproxy-provider"], headers["x-imgproxy-model"] = provider, target.model.name
         if ctx.request.dropped:  # what this target's call leaves out (a fallback's list includes the model's)
             headers["x-imgproxy-dropped-params"] = ", ".join(ctx.request.dropped)
+        else:  # not what an earlier fallback left out
+            headers.pop("x-imgproxy-dropped-params", None)
         if breaker is not None and not breaker.allow():
             headers["x-imgproxy-attempts"] = str(outcome.attempts)
             metrics.child(metrics.upstream_attempts, provider, "circuit_open").inc()

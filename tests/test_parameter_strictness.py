@@ -126,6 +126,18 @@ async def test_a_fallback_reports_nothing_for_a_default_the_client_never_gave(ga
     assert HEADER not in resp.headers
 
 
+async def test_the_header_names_what_the_serving_fallback_left_out_not_an_earlier_one(gateway, fake_openai):
+    # dall-e-3 fails, dall-e-2 (no styles: leaves style out) fails, a second dall-e-3 keeps the style and serves.
+    client = await gateway(**{"dall-e-3": {"fallbacks": ["dall-e-2", "dall-e-3-again"]}, "dall-e-2": {}, "dall-e-3-again": {"upstream_model": "dall-e-3"}})
+    fake_openai.cue(status=503, body=ERROR_503)
+    fake_openai.cue(status=503, body=ERROR_503)
+    resp = await client.post(URL, headers=AUTH, json={"model": "dall-e-3", "prompt": "x", "style": "natural"})
+    await images_body(resp)
+    assert [(r["model"], r.get("style")) for r in fake_openai.requests] == [("dall-e-3", "natural"), ("dall-e-2", None), ("dall-e-3", "natural")]
+    assert resp.headers["x-imgproxy-model"] == "dall-e-3-again"
+    assert HEADER not in resp.headers
+
+
 @pytest.mark.parametrize("mode", ["refuse", "drop"])
 async def test_an_option_a_fallback_lacks_is_dropped_only_in_drop_mode(gateway, fake_openai, tmp_path, mode):
     client = await gateway(**{"gpt-image-1": {"fallbacks": ["dall-e-2"], "unsupported_parameters": mode}, "dall-e-2": {}})
