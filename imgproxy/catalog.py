@@ -19,6 +19,10 @@ import yaml
 # Optional OpenAI parameters that only some models take; `prompt`, `model`, `n`, `size`,
 # `quality`, `style`, `response_format`, `user` and `moderation` are checked separately.
 OPTIONAL_PARAMETERS = ("background", "output_format", "output_compression", "stream", "partial_images", "input_fidelity")
+# Never left out under a model's `unsupported_parameters: drop` (nor are prompt, model, n and
+# response_format, which every model takes): a client waiting for server-sent events must not
+# get a JSON answer instead.
+NEVER_DROPPED = frozenset({"stream"})
 # WIDTHxHEIGHT in ASCII digits, nothing before or after (int() would also take " 64", "64\n" or "٦٤").
 CUSTOM_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 
@@ -156,6 +160,13 @@ class Capabilities:
     # Input images for POST /v1/images/edits and /variations; None: the model does neither.
     edits: UploadLimits | None = None
     variations: UploadLimits | None = None
+    # Images one upstream call makes at most (None: max_n); a larger n is fanned out into
+    # parallel calls by the adapter (Provider.fan_out).
+    max_n_per_call: int | None = None
+
+    @property
+    def n_per_call(self) -> int:
+        return min(self.max_n_per_call or self.max_n, self.max_n)
 
     def allows_size(self, size: str) -> bool:
         if size in self.sizes:
@@ -184,6 +195,7 @@ class Capabilities:
             upstream_formats=tuple(spec.get("upstream_formats", ("url", "b64_json"))),
             edits=UploadLimits.from_dict(spec.get("edits")),
             variations=UploadLimits.from_dict(spec.get("variations")),
+            max_n_per_call=spec.get("max_n_per_call"),
         )
 
 

@@ -104,6 +104,7 @@ class ModelConfig:
 
     def retired(self, today: datetime.date) -> bool:
         return self.shutdown is not None and today >= self.shutdown
+    unsupported_parameters: str = "refuse"  # refuse | drop (imgproxy.validation.check_capabilities)
 
 
 @dataclass(frozen=True)
@@ -317,7 +318,7 @@ def _build(raw: dict, source: str, refs: dict, provider_types, env) -> Config:
         model = ModelConfig(
             name, spec["provider"], upstream, tuple(spec.get("aliases", ())), caps, spec.get("timeout"), catalog,
             tuple(spec.get("fallbacks", ())), spec.get("fallback_strictness", "translate"), spec.get("deadline"),
-            spec.get("free", False),
+            spec.get("free", False), unsupported_parameters=spec.get("unsupported_parameters", "refuse"),
         )
         # A shutdown is the provider's: only the catalog of the model's own provider type says
         # one (an Azure deployment of dall-e-3 does not retire with OpenAI's), and the file

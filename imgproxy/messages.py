@@ -37,6 +37,11 @@ class ImageRequest:
     # generate, edit or variation; the last two come with the uploaded images.
     operation: str = "generate"
     form: "Form | None" = None
+    # Parameters the client gave that the upstream call leaves out (the model's
+    # `unsupported_parameters: drop`, or a fallback's translation): x-imgproxy-dropped-params.
+    dropped: tuple[str, ...] = ()
+    # The optional parameters the client gave itself (quality and style may be defaults).
+    given: frozenset[str] = frozenset()
 
     @property
     def stream(self) -> bool:

@@ -147,11 +147,11 @@ def candidates(ctx: RequestContext):
     """(target, request) for the route's own target, then each fallback that can serve the
     request (translated or skipped per the model's fallback_strictness)."""
     yield ctx.route, ctx.request
-    original = ctx.request
+    original, model = ctx.request, ctx.route.model
     for target in ctx.route.fallbacks:
         if ctx.gateway.routing.retired(target.model):
             continue  # shut down: never called
-        request = translate(original, target.model.name, target.model.capabilities, ctx.route.model.fallback_strictness)
+        request = translate(original, target.model.name, target.model.capabilities, model.fallback_strictness, model.unsupported_parameters == "drop")
         if request is not None:
             yield target, request
 
@@ -177,6 +177,10 @@ async def attempt_target(ctx: RequestContext, target: Target, deadline: float, b
         attempt += 1
         headers = ctx.response_headers  # which target served (or failed last), on every answer
         headers["x-imgproxy-provider"], headers["x-imgproxy-model"] = provider, target.model.name
+        if ctx.request.dropped:  # what this target's call leaves out (a fallback's list includes the model's)
+            headers["x-imgproxy-dropped-params"] = ", ".join(ctx.request.dropped)
+        else:  # not what an earlier fallback left out
+            headers.pop("x-imgproxy-dropped-params", None)
         if breaker is not None and not breaker.allow():
             headers["x-imgproxy-attempts"] = str(outcome.attempts)
             metrics.child(metrics.upstream_attempts, provider, "circuit_open").inc()

@@ -36,5 +36,6 @@ def plan_attempt(request: ImageRequest, target: Target, images: ImagesConfig, re
         upstream_format = wanted
     stream_through = (
         not read_body and upstream_format == wanted and (wanted == "b64_json" or images.upstream_urls == "passthrough")
+        and request.n <= target.model.capabilities.n_per_call  # several calls' answers are merged, not relayed
     )
     return Plan(upstream_format, stream_through, decode_inline=wanted == "url" and upstream_format == "b64_json")

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 
-from .catalog import CUSTOM_SIZE, Capabilities
+from .catalog import CUSTOM_SIZE, NEVER_DROPPED, Capabilities
 from .errors import TRANSIENT_KINDS, GatewayError, UpstreamError
 from .messages import ImageRequest
 
@@ -157,18 +157,28 @@ def counts_as_failure(error: BaseException | None) -> bool:
 QUALITY_RANK = {"low": 0, "standard": 1, "medium": 1, "high": 2, "hd": 2}
 
 
-def translate(request: ImageRequest, model: str, caps: Capabilities, strictness: str) -> ImageRequest | None:
+def translate(request: ImageRequest, model: str, caps: Capabilities, strictness: str, drop: bool = False) -> ImageRequest | None:
     """The request for fallback `model`, or None if the fallback cannot serve it: with
     `skip`, any parameter it cannot honour as given; with `translate`, size to its nearest
     size of the same orientation and quality and style to its closest (see
     docs/operations.md). A larger n, a longer prompt or an option it lacks is never
-    translated: the fallback is skipped."""
+    translated: the fallback is skipped, unless `drop` (the requested model's
+    `unsupported_parameters: drop`) lets a `translate` leave the option out. What the client
+    gave and the fallback leaves out is added to `dropped` (x-imgproxy-dropped-params)."""
     if request.n > caps.max_n or len(request.prompt) > caps.max_prompt_length:
         return None
     if request.form is not None and not takes_uploads(request, model, caps):
         return None
-    if any(name not in caps.parameters for name in request.options):
+    if request.stream and request.n > caps.n_per_call:  # separate calls' events cannot be one stream
         return None
+    dropped = list(request.dropped)
+    options = dict(request.options)
+    for name in request.options:
+        if name not in caps.parameters:
+            if not (drop and strictness == "translate" and name not in NEVER_DROPPED):
+                return None
+            del options[name]
+            dropped.append(name)
     size, quality, style = request.size, request.quality, request.style
     if not caps.allows_size(size):
         size = None if strictness == "skip" else nearest_size(size, caps)
@@ -176,15 +186,19 @@ def translate(request: ImageRequest, model: str, caps: Capabilities, strictness:
         if strictness == "skip":
             return None
         quality = closest_quality(quality, caps)  # None: the fallback takes no quality
+        if quality is None and "quality" in request.given:
+            dropped.append("quality")
     if quality is None and caps.qualities:
         quality = caps.default_quality
     if style is not None and style not in caps.styles:
         if strictness == "skip":
             return None
         style = caps.default_style if caps.styles else None
+        if style is None and "style" in request.given:
+            dropped.append("style")
     if size is None:
         return None
-    return replace(request, model=model, size=size, quality=quality, style=style)
+    return replace(request, model=model, size=size, quality=quality, style=style, options=options, dropped=tuple(dict.fromkeys(dropped)))
 
 
 def takes_uploads(request: ImageRequest, model: str, caps: Capabilities) -> bool:

@@ -168,6 +168,8 @@ def access_fields(request: web.Request, ctx: RequestContext | None, status: int,
         error=outcome.error_code,
         user=ctx.user_hash if ctx.request else None,
     )
+    if ctx.request and ctx.request.dropped:  # as in the x-imgproxy-dropped-params header
+        fields["dropped_params"] = ",".join(ctx.request.dropped)
     if ctx.request and ctx.identity and ctx.identity.settings.get("log_prompts"):
         fields["prompt"] = ctx.request.prompt
     traceparent = request.headers.get("traceparent")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import schemafiles, untrusted_json
-from .catalog import OPTIONAL_PARAMETERS, Capabilities, UploadLimits
+from .catalog import NEVER_DROPPED, OPTIONAL_PARAMETERS, Capabilities, UploadLimits
 from .errors import GatewayError, invalid_request
 from .messages import ImageRequest
 from .routing import Route
@@ -78,10 +78,15 @@ def check_schema(body: dict, operation: str = "generate") -> None:
 
 
 def check_capabilities(body: dict, route: Route, operation: str = "generate", form: Form | None = None) -> ImageRequest:
-    """Refuse what the model cannot do; fill in its defaults."""
+    """Refuse what the model cannot do; fill in its defaults. With the model's
+    `unsupported_parameters: drop`, a parameter it does not take at all is left out of the
+    upstream call and named in `ImageRequest.dropped` (the x-imgproxy-dropped-params header)
+    instead; a value out of a parameter's range is still refused: dropping it would change what
+    is made and what it costs without a word."""
     model = route.model.name
     caps = route.model.capabilities
     given = {k: v for k, v in body.items() if v is not None}
+    dropped: list[str] | None = [] if route.model.unsupported_parameters == "drop" else None
     if form is not None:
         check_uploads(form, model, operation, caps)
 
@@ -98,13 +103,16 @@ def check_capabilities(body: dict, route: Route, operation: str = "generate", fo
 
     size = given.get("size", caps.default_size)
     _check_size(size, model, caps)
-    quality = _choose(given, "quality", caps.qualities, caps.default_quality, model)
-    style = _choose(given, "style", caps.styles, caps.default_style, model)
+    quality = _choose(given, "quality", caps.qualities, caps.default_quality, model, dropped)
+    style = _choose(given, "style", caps.styles, caps.default_style, model, dropped)
 
     options = {}
     for name in OPTIONAL_PARAMETERS:
         if name in given:
             if name not in caps.parameters:
+                if dropped is not None and name not in NEVER_DROPPED:
+                    dropped.append(name)
+                    continue
                 raise invalid_request(f"'{name}' is not supported by {model}.", param=name, code="unsupported_parameter")
             options[name] = given[name]
     response_format = given.get("response_format", caps.default_response_format)
@@ -113,6 +121,13 @@ def check_capabilities(body: dict, route: Route, operation: str = "generate", fo
             "stream=true returns base64 images as server-sent events; response_format 'url' cannot be streamed.",
             param="response_format",
             code="invalid_value",
+        )
+    if options.get("stream") and n > caps.n_per_call:
+        raise invalid_request(
+            f"stream=true takes n up to {caps.n_per_call} on {model}: more images are made by separate upstream "
+            "calls, whose events cannot be streamed as one answer.",
+            param="n",
+            code="invalid_n",
         )
     return ImageRequest(
         prompt=given.get("prompt", ""),  # a variation has none
@@ -127,6 +142,8 @@ def check_capabilities(body: dict, route: Route, operation: str = "generate", fo
         options=options,
         operation=operation,
         form=form,
+        dropped=tuple(dropped or ()),
+        given=frozenset(name for name in ("quality", "style") if name in given) | frozenset(options),
     )
 
 
@@ -181,11 +198,14 @@ def _check_size(size: str, model: str, caps: Capabilities) -> None:
     raise invalid_request(f"Invalid size for {model}: must be {allowed}", param="size", code="invalid_size")
 
 
-def _choose(given: dict, param: str, allowed: tuple[str, ...], default: str | None, model: str) -> str | None:
+def _choose(given: dict, param: str, allowed: tuple[str, ...], default: str | None, model: str, dropped: list | None) -> str | None:
     if param not in given:
         return default
     value = given[param]
     if not allowed:
+        if dropped is not None:  # the model takes no such parameter at all
+            dropped.append(param)
+            return default
         raise invalid_request(f"'{param}' is not supported by {model}.", param=param, code="unsupported_parameter")
     if value not in allowed:
         raise invalid_request(

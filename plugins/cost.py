@@ -272,10 +272,12 @@ class CostPlugin:
         request, price = ctx.request, self.prices[ctx.target.model.name]
         cost = images * price.image(request.quality, request.size)
         if price.per_token:
-            cost += len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
-            if request.form is not None:
+            # Each upstream call of a fanned-out n reads (and bills) the prompt again.
+            calls = max(1, -(-images // ctx.target.model.capabilities.n_per_call))
+            cost += calls * len(request.prompt) / TOKEN_ESTIMATE_CHARS * price.per_token["text_input"] / 1e6
+            if request.form is not None:  # an edit: each call reads the input images again
                 inputs = len(request.form.images) + (request.form.mask is not None)
-                cost += inputs * INPUT_IMAGE_TOKENS_MAX * price.per_token["image_input"] / 1e6
+                cost += calls * inputs * INPUT_IMAGE_TOKENS_MAX * price.per_token["image_input"] / 1e6
         return cost
 
     def cost(self, ctx, outcome) -> float:
@@ -316,6 +318,7 @@ class CostPlugin:
             "error": outcome.error_code,
             "user": ctx.user_hash,
             **({"undelivered_billed": outcome.undelivered_billed} if outcome.undelivered_billed else {}),
+            **({"dropped_params": list(ctx.request.dropped)} if ctx.request.dropped else {}),
             **({"cut": True} if outcome.cut else {}),
             **({"price": "free"} if ctx.target.model.name in self.free else {}),
         }

@@ -129,4 +129,4 @@ class FakeBFL(FakeUpstream):
     async def result_file(self, request: web.Request) -> web.Response:
         self.downloads += 1
         content_type = "image/png" if request.match_info["name"].endswith(".png") else "image/jpeg"
-        return web.Response(body=BFL_PNG, content_type=content_type)
+        return web.Response(body=self.next_png() if self.distinct_images else BFL_PNG, content_type=content_type)

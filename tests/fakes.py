@@ -85,6 +85,18 @@ class FakeUpstream:
         self.base_url = ""
         # When set, a stream pauses after its first event until the test releases it.
         self.hold: asyncio.Event | None = None
+        # When set, every image served is a different PNG (a fan-out test tells calls' images apart).
+        self.distinct_images = False
+        self.images_served = 0
+
+    def next_png(self) -> bytes:
+        if not self.distinct_images:
+            return FAKE_PNG
+        self.images_served += 1
+        return tiny_png(rgb=self.images_served.to_bytes(3, "big"))
+
+    def next_b64(self) -> str:
+        return base64.b64encode(self.next_png()).decode() if self.distinct_images else FAKE_B64
 
     def cue(self, **kwargs) -> None:
         self.cues.append(Cue(**kwargs))
@@ -250,7 +262,7 @@ class FakeOpenAI(FakeUpstream):
             return await self.stream(request, body, usage, event)
         data = []
         for i in range(body.get("n") or 1):
-            item = {"b64_json": self.image_b64} if gpt_image or body.get("response_format") == "b64_json" else {"url": f"{self.base_url}/files/img-{i}.png?se=2026"}
+            item = {"b64_json": self.next_b64() if self.distinct_images else self.image_b64} if gpt_image or body.get("response_format") == "b64_json" else {"url": f"{self.base_url}/files/img-{i}.png?se=2026"}
             if model == "dall-e-3":
                 item["revised_prompt"] = "Revised: " + body["prompt"]
             data.append(item)

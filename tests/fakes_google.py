@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from jsonschema import Draft202012Validator
 
-from tests.fakes import FAKE_B64, FakeUpstream
+from tests.fakes import FakeUpstream
 
 SPECS = Path(__file__).parent / "specs"
 IMAGEN_SPEC = yaml.safe_load((SPECS / "google-imagen.yaml").read_text())
@@ -168,7 +168,7 @@ class FakeGoogle(FakeUpstream):
         n = parameters.get("sampleCount", 4)
         mime = parameters.get("outputOptions", {}).get("mimeType", "image/png")
         filtered = n if "filter-all" in prompt else 1 if "filter-one" in prompt else 0
-        predictions = [{"bytesBase64Encoded": FAKE_B64, "mimeType": mime, "prompt": "Enhanced: " + prompt} for _ in range(n - filtered)]
+        predictions = [{"bytesBase64Encoded": self.next_b64(), "mimeType": mime, "prompt": "Enhanced: " + prompt} for _ in range(n - filtered)]
         if parameters.get("includeRaiReason"):
             predictions += [{"raiFilteredReason": RAI_REASON, "safetyAttributes": {"categories": ["Violence"], "scores": [0.9]}}] * filtered
         return {"predictions": predictions}
@@ -184,5 +184,5 @@ class FakeGoogle(FakeUpstream):
         if "unsafe-image" in prompt:
             return {"candidates": [{"finishReason": "IMAGE_SAFETY", "safetyRatings": [{"category": "HARM_CATEGORY_SEXUALLY_EXPLICIT", "probability": "HIGH", "blocked": True}]}],
                     "usageMetadata": {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}}
-        parts = [{"text": "Here is your image."}, {"inlineData": {"mimeType": "image/png", "data": FAKE_B64}}]
+        parts = [{"text": "Here is your image."}, {"inlineData": {"mimeType": "image/png", "data": self.next_b64()}}]
         return {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP"}], "usageMetadata": usage}

@@ -28,7 +28,7 @@ async def fake_azure(aiohttp_server):
         yield fake
 
 
-def config(azure_url: str, tmp_path: Path, *, provider: dict | None = None, images: dict | None = None) -> str:
+def config(azure_url: str, tmp_path: Path, *, provider: dict | None = None, images: dict | None = None, models: dict | None = None) -> str:
     base = {"type": "azure_openai", "base_url": azure_url, "api_key": FakeUpstream.key, "timeouts": {"connect": 2, "total": 1}}
     raw = {
         "auth": {"keys": [{"name": "team-a", "key": CLIENT_KEY, "moderation_levels": ["auto", "low"]}]},
@@ -42,6 +42,7 @@ def config(azure_url: str, tmp_path: Path, *, provider: dict | None = None, imag
             "azure-gpt-image-1": {"provider": "azure-preview", "upstream_model": "team gpt/image", "catalog": "gpt-image-1"},
             "entra-gpt-image-2": {"provider": "azure-entra", "upstream_model": "gpt2-deploy", "catalog": "gpt-image-2"},
             "azure-missing": {"provider": "azure", "upstream_model": "no-such-deployment", "catalog": "dall-e-3"},
+            **(models or {}),
         },
         "images": {"directory": str(tmp_path / "images"), "signing_key": "test-signing-key", **(images or {})},
         "cost": {"usage_log": str(tmp_path / "usage.jsonl")},
@@ -287,3 +288,18 @@ def test_the_spec_copy_is_the_shared_one():
     if not shared.exists():
         pytest.skip("no shared/specs beside this checkout")
     assert (Path(__file__).parent / "specs" / "azure-openai-images.yaml").read_bytes() == shared.read_bytes()
+
+
+async def test_a_dall_e_3_deployment_allowed_n_2_makes_two_calls(gateway, fake_azure, tmp_path):
+    # DALL-E 3 takes n=1 per call (max_n_per_call from its catalog entry): a model allowed 2 fans out.
+    two = {"azure-dall-e-3-x2": {"provider": "azure", "upstream_model": "my-dalle3", "catalog": "dall-e-3", "capabilities": {"max_n": 2}}}
+    client = await gateway(models=two)
+    body = await images_body(await post(client, {"model": "azure-dall-e-3-x2", "prompt": "a fox", "n": 2, "response_format": "b64_json"}))
+    assert len(body["data"]) == 2 and [r["n"] for r in fake_azure.requests] == [1, 1]
+    assert all("/openai/deployments/my-dalle3/images/generations" in path for path in fake_azure.paths)
+    # Every call's image withheld by the output filter: refused, at no cost.
+    error = await assert_error(await post(client, {"model": "azure-dall-e-3-x2", "prompt": "withheld", "n": 2}), 400, "content_policy_violation")
+    assert "sexual (medium)" in error["message"] and len(fake_azure.requests) == 4
+    delivered, refused = await records(tmp_path / "usage.jsonl", 2)
+    assert (delivered["images"], delivered["cost_usd"]) == (2, pytest.approx(2 * 0.04))
+    assert (refused["images"], refused["cost_usd"]) == (0, 0)

@@ -12,7 +12,7 @@ from imgproxy.gateway import Gateway
 from imgproxy.providers.bfl import BflProvider
 from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body, serve_fake
 from tests.fake_bfl import BFL_PNG, FakeBFL
-from tests.fakes import Cue, FakeUpstream, png_size
+from tests.fakes import Cue, FakeUpstream, png_size, tiny_png
 
 URL = "/v1/images/generations"
 SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "specs" / "bfl.yaml"
@@ -380,3 +380,18 @@ async def test_per_megapixel_price_from_the_config(make_client, bfl_config, fake
     assert records(tmp_path)[0]["cost_usd"] == pytest.approx(0.75)  # 1.41 MP: the first and one more started
     await images_body(await post(client, model="flux-dev", size="512x512", response_format="b64_json"))
     assert records(tmp_path)[1]["cost_usd"] == pytest.approx(0.5)
+
+
+async def test_three_jobs_one_failing_after_acceptance_delivers_two_and_records_the_third(bfl_client, fake_bfl, tmp_path):
+    # n=3 is three jobs in parallel; one ends in Error after BFL accepted it (BFL bills it).
+    client = await bfl_client()
+    fake_bfl.distinct_images = True
+    fake_bfl.poll_cues.append(Cue(body={"id": "job-1", "status": "Error", "details": {"error": "internal"}}))
+    resp = await post(client, n=3, response_format="b64_json")
+    body = await images_body(resp)
+    assert len(fake_bfl.requests) == 3 and fake_bfl.downloads == 2
+    assert {base64.b64decode(item["b64_json"]) for item in body["data"]} == {tiny_png(rgb=k.to_bytes(3, "big")) for k in (1, 2)}
+    [record] = records(tmp_path)
+    # Two delivered, one billed but undelivered: in the record, never as a delivered image.
+    assert (record["images"], record["undelivered_billed"]) == (2, 1)
+    assert record["cost_usd"] == pytest.approx(3 * 0.04) and resp.headers["x-imgproxy-cost-usd"] == "0.120000"

@@ -14,7 +14,7 @@ import pytest
 from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
 from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body
-from tests.fakes import FAKE_PNG, Cue, FakeUpstream
+from tests.fakes import FAKE_PNG, Cue, FakeUpstream, tiny_png
 from tests.fakes_google import ACCESS_TOKEN_PREFIX, PRIVATE_KEY_LINE, PRIVATE_KEY_PEM, FakeGoogle, service_account_file
 from tests.conftest import usage_record as record
 
@@ -45,7 +45,7 @@ def credentials(tmp_path, google):
 
 @pytest.fixture
 def make_google(aiohttp_client, google, credentials, usage_log, tmp_path):
-    async def make(*, api_key: str = FakeUpstream.key, credentials_file=None, total: float = 5, vertex_options: str = "", retries: int = 1, env=None):
+    async def make(*, api_key: str = FakeUpstream.key, credentials_file=None, total: float = 5, vertex_options: str = "", retries: int = 1, env=None, models: str = ""):
         creds = credentials if credentials_file is None else credentials_file
         text = f"""
 auth:
@@ -71,6 +71,7 @@ models:
   gemini-3-pro-image-preview: {{provider: gemini}}
   vertex-imagen: {{provider: vertex, upstream_model: {IMAGEN}}}
   vertex-flash-image: {{provider: vertex, upstream_model: gemini-2.5-flash-image}}
+{models}
 images:
   directory: {tmp_path / "images"}
   signing_key: test-signing-key
@@ -185,9 +186,71 @@ async def test_imagen_refuses_what_it_cannot_do_before_calling(client, google, b
         assert "1024x1024" in error["message"] and "1408x768" in error["message"]  # the sizes it does take
 
 
-async def test_gemini_model_takes_one_image_per_request(client, google):
-    await assert_error(await post(client, {"model": "gemini-2.5-flash-image", "prompt": "a fox", "n": 2}), 400, "invalid_n", "n")
-    assert google.requests == []
+def served_pngs(count: int) -> set[bytes]:
+    """The images a fake with distinct_images served first: each a different PNG."""
+    return {tiny_png(rgb=k.to_bytes(3, "big")) for k in range(1, count + 1)}
+
+
+async def test_gemini_n_is_fanned_out_one_image_per_call(client, google, usage_log):
+    # Gemini answers one image per generateContent call: n=3 is three calls, merged, their
+    # token counts summed and billed.
+    google.distinct_images = True
+    resp = await post(client, {"model": "gemini-2.5-flash-image", "prompt": "a fox", "n": 3, "response_format": "b64_json"})
+    body = await images_body(resp)
+    assert len(google.requests) == 3
+    assert [r["generationConfig"]["candidateCount"] for r in google.requests] == [1, 1, 1]
+    assert {base64.b64decode(item["b64_json"]) for item in body["data"]} == served_pngs(3)  # three distinct images, each the fake's
+    assert (body["usage"]["output_tokens"], body["usage"]["input_tokens"]) == (3 * 1290, 3 * 2)
+    usage = await record(usage_log, resp.headers["x-request-id"])
+    assert usage["images"] == 3 and usage["cost_usd"] == pytest.approx(3 * (2 * 0.30 + 1290 * 30.0) / 1e6, abs=1e-6)
+    # Above the model's max_n (4): refused before anything is paid for.
+    await assert_error(await post(client, {"model": "gemini-2.5-flash-image", "prompt": "a fox", "n": 5}), 400, "invalid_n", "n")
+    assert len(google.requests) == 3
+
+
+GOOGLE_503 = {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}
+
+
+async def test_gemini_fan_out_with_one_failed_call_delivers_and_bills_the_others(client, google, usage_log):
+    google.distinct_images = True
+    google.cue(status=503, body=GOOGLE_503)  # the first call to arrive fails, saying it made nothing
+    resp = await post(client, {"model": "gemini-2.5-flash-image", "prompt": "a fox", "n": 3, "response_format": "b64_json"})
+    body = await images_body(resp)
+    assert len(google.requests) == 3 and len(body["data"]) == 2
+    assert {base64.b64decode(item["b64_json"]) for item in body["data"]} == served_pngs(2)
+    assert body["usage"]["output_tokens"] == 2 * 1290
+    usage = await record(usage_log, resp.headers["x-request-id"])
+    # Two images delivered, two billed: the failed call is not billed as delivered.
+    assert usage["images"] == 2 and usage["cost_usd"] == pytest.approx(2 * (2 * 0.30 + 1290 * 30.0) / 1e6, abs=1e-6)
+    assert "undelivered_billed" not in usage
+
+
+async def test_gemini_fan_out_that_delivers_nothing_is_not_tried_again_if_a_call_may_have_generated(make_google, google, usage_log):
+    # One call cut after it was sent (Google may have generated and billed it), two refused:
+    # the answer is the ambiguous failure, and with retries allowed nothing is called again.
+    client = await make_google(retries=3)
+    google.cues += [Cue(status=503, body=GOOGLE_503), Cue(cut=True), Cue(status=503, body=GOOGLE_503)]
+    resp = await post(client, {"model": "gemini-2.5-flash-image", "prompt": "a fox", "n": 3})
+    await assert_error(resp, 502, "upstream_bad_response")
+    assert resp.headers["x-should-retry"] == "false"
+    assert len(google.requests) == 3
+    # Every call failed but none of them for good: with no ambiguity they are tried again as a whole.
+    google.requests.clear()
+    google.cues += [Cue(status=503, body=GOOGLE_503)] * 3
+    await images_body(await post(client, {"model": "gemini-2.5-flash-image", "prompt": "a fox", "n": 3}))
+    assert len(google.requests) == 6
+
+
+async def test_imagen_above_four_images_is_calls_of_at_most_four(make_google, google, usage_log):
+    # sampleCount takes 1-4: a model configured for more (max_n: 6) makes two calls, 4 + 2.
+    client = await make_google(models=f"  imagen-six: {{provider: gemini, upstream_model: {IMAGEN}, capabilities: {{max_n: 6}}}}")
+    google.distinct_images = True
+    resp = await post(client, {"model": "imagen-six", "prompt": "a fox", "n": 6, "response_format": "b64_json"})
+    body = await images_body(resp)
+    assert sorted(r["parameters"]["sampleCount"] for r in google.requests) == [2, 4]
+    assert {base64.b64decode(item["b64_json"]) for item in body["data"]} == served_pngs(6)
+    usage = await record(usage_log, resp.headers["x-request-id"])
+    assert usage["images"] == 6 and usage["cost_usd"] == pytest.approx(6 * IMAGEN_PRICE)
 
 
 async def test_imagen_output_format_and_compression_are_passed(client, google):
@@ -326,6 +389,17 @@ async def test_gemini_token_bill_never_exceeds_the_worst_case_of_the_image(clien
     await images_body(resp)
     cost = (await record(usage_log, resp.headers["x-request-id"]))["cost_usd"]
     assert cost == pytest.approx(0.039 + len("a fox") / 2 * 0.30 / 1e6, abs=1e-6)
+
+
+async def test_a_fanned_out_token_bill_is_capped_with_the_prompt_read_by_every_call(client, google, usage_log):
+    # The worst case of n images counts the prompt once per call: each call reads it, and the
+    # provider bills it each time (a cap with one prompt would bill less than was spent).
+    google.image_tokens = 10_000_000
+    prompt = "a fox " * 400
+    resp = await post(client, {"model": "gemini-2.5-flash-image", "prompt": prompt, "n": 3, "response_format": "b64_json"})
+    await images_body(resp)
+    cost = (await record(usage_log, resp.headers["x-request-id"]))["cost_usd"]
+    assert cost == pytest.approx(3 * (0.039 + len(prompt) / 2 * 0.30 / 1e6), abs=1e-6)
 
 
 async def test_gemini_3_pro_4k_is_reserved_at_its_4k_price(client, google, usage_log):

@@ -22,7 +22,7 @@ async def fake_v2(aiohttp_server):
         yield fake
 
 
-def config(base_url: str, tmp_path, api_key: str = FakeUpstream.key, total: float = 5) -> str:
+def config(base_url: str, tmp_path, api_key: str = FakeUpstream.key, total: float = 5, options: str = "{}") -> str:
     return f"""
 auth:
   keys:
@@ -33,6 +33,7 @@ providers:
     base_url: {base_url}
     api_key: {api_key}
     timeouts: {{connect: 2, total: {total}}}
+    options: {options}
 models:
   stable-image-core: {{provider: stability-v2, aliases: [core]}}
   stable-image-ultra: {{provider: stability-v2, aliases: [ultra]}}
@@ -214,6 +215,14 @@ async def test_fan_out_is_bounded(v2_client, fake_v2):
     assert fake_v2.most_in_flight == 4
 
 
+async def test_fan_out_bound_is_the_providers_max_parallel(v2_client, fake_v2):
+    client = await v2_client(options="{max_parallel: 2}")
+    fake_v2.delay = 0.2
+    answer = await images_body(await client.post(URL, json={"model": "core", "prompt": "x", "n": 5, "response_format": "b64_json"}, headers=AUTH))
+    assert len(answer["data"]) == 5 and len(fake_v2.requests) == 5
+    assert fake_v2.most_in_flight == 2
+
+
 @pytest.mark.parametrize(
     "model, n, cost",
     [("core", 2, 0.06), ("ultra", 1, 0.08), ("sd3.5-large", 1, 0.065), ("sd3.5-large-turbo", 2, 0.08), ("sd3.5-medium", 1, 0.035)],
@@ -253,3 +262,12 @@ async def test_an_upstream_refusal_keeps_its_name_and_words_but_never_the_key(v2
     fake_v2.cue(status=400, body={"id": "x", "name": "bad_request", "errors": [f"aspect_ratio: invalid (key {FakeUpstream.key})"]})
     error = await assert_error(await client.post(URL, json={"model": "core", "prompt": "x"}, headers=AUTH), 400, "bad_request")
     assert "aspect_ratio: invalid" in error["message"] and FakeUpstream.key not in error["message"]
+
+
+@pytest.mark.parametrize("options", ["{max_parallel: 0}", "{max_parallel: many}"])
+async def test_a_fan_out_bound_that_would_never_call_is_a_config_error(tmp_path, options):
+    from imgproxy.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        await Gateway.load(text=config("http://127.0.0.1:9", tmp_path, options=options), env={})
+    assert caught.value.path == "providers.stability-v2.options.max_parallel"

@@ -50,9 +50,9 @@ class AzureOpenAIProvider(OpenAIProvider):
             raise ConfigError("<config>", [*where, "api_version"], "must be an Azure API version such as 2024-10-21 or 2025-04-01-preview")
         if self.auth not in AUTH_MODES:
             raise ConfigError("<config>", [*where, "auth"], f"must be {' or '.join(AUTH_MODES)}")
-        unknown = sorted(set(options) - {"api_version", "auth"})
+        unknown = sorted(set(options) - {"api_version", "auth", "max_parallel"})
         if unknown:
-            raise ConfigError("<config>", [*where, unknown[0]], "unknown option (known: api_version, auth)")
+            raise ConfigError("<config>", [*where, unknown[0]], "unknown option (known: api_version, auth, max_parallel)")
 
     def endpoint(self, target: Target, operation: str = "generations") -> str:
         deployment = quote(target.model.upstream_model, safe="")  # one path segment, whatever its name

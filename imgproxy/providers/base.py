@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
 from .. import schemafiles
 from ..config import ProviderConfig
-from ..errors import GatewayError, upstream_error
+from ..errors import GatewayError, UpstreamError, upstream_error
 from ..messages import ImageRequest, ImagesResult, StreamedReply
 from ..redaction import redact
 
@@ -27,6 +31,12 @@ REQUEST_PARAMS = frozenset(schemafiles.load("image-generation-request.schema.jso
 
 def request_param(value) -> str | None:
     return value if isinstance(value, str) and value in REQUEST_PARAMS else None
+
+
+DEFAULT_MAX_PARALLEL = 4
+# One upstream call: the request with the n of that call, and the call's handle (its time is
+# what is left of the attempt's when its turn comes).
+OneCall = Callable[[ImageRequest, "UpstreamCall"], Awaitable[ImagesResult]]
 
 
 class Provider:
@@ -50,6 +60,8 @@ class Provider:
     def __init__(self, config: ProviderConfig, upstream: "Upstream") -> None:
         self.config = config
         self.upstream = upstream
+        # Upstream calls of one request in flight at once when its n is fanned out.
+        self.max_parallel = int((config.options or {}).get("max_parallel", DEFAULT_MAX_PARALLEL))
 
     async def generate(
         self, request: ImageRequest, target: "Target", plan: "Plan", call: "UpstreamCall"
@@ -130,3 +142,86 @@ class Provider:
             f"The provider '{self.config.name}' rejected this gateway's credentials; the operator has been told.",
             code="upstream_auth_failed", kind="auth", produced_nothing=True,
         )
+
+    async def fan_out(self, request: ImageRequest, target: "Target", call: "UpstreamCall", one: OneCall) -> ImagesResult:
+        """The request's n images from as many upstream calls as the model's `max_n_per_call`
+        needs (one call, as it is, when it takes them all), at most `max_parallel` in flight,
+        all within the attempt's time; their images merged and their usage summed.
+
+        Every call is awaited to its end, failed or not: an image already paid for is kept and
+        delivered. Calls that failed deliver nothing and are billed nothing here; an adapter
+        whose provider bills a call that failed after it was accepted (BFL's jobs) counts it
+        in `call.outcome.undelivered_billed` itself. If no call delivered, the error that says
+        most: a refusal first (the same request would be refused again), then a failure that
+        may have produced something (so that it is not tried again), else the first."""
+        per_call = target.model.capabilities.n_per_call
+        if request.n <= per_call:
+            return await one(request, call)
+        counts = [per_call] * (request.n // per_call) + ([request.n % per_call] if request.n % per_call else [])
+        gate = asyncio.Semaphore(self.max_parallel)
+        deadline = time.monotonic() + call.timeout  # the attempt's time, shared by all its calls
+
+        async def run(n: int) -> ImagesResult:
+            async with gate:
+                left = deadline - time.monotonic()
+                if left <= 0:  # never sent: nothing generated
+                    raise upstream_error(
+                        f"The provider '{self.config.name}' did not answer within {call.timeout:g} seconds.",
+                        status=504, code="upstream_timeout", kind="timeout", produced_nothing=True,
+                    )
+                sub_call = type(call)(call.upstream, call.request_id, call.traceparent, left, call.outcome)
+                return await one(replace(request, n=n), sub_call)
+
+        results = await asyncio.gather(*(run(n) for n in counts), return_exceptions=True)
+        return self.merge(results, counts, call)
+
+    def merge(self, results: list, counts: list[int], call: "UpstreamCall") -> ImagesResult:
+        answers = [r for r in results if isinstance(r, ImagesResult)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, GatewayError):
+                # Not a provider failure (a defect, a cancelled call): the request fails, but
+                # the images other calls delivered were paid for and stay in the record.
+                call.outcome.undelivered_billed += sum(len(a.images) for a in answers)
+                raise error
+        # Images a content filter withheld, counted as the provider's filtered ones.
+        refused = [(e, n) for e, n in zip(results, counts) if isinstance(e, GatewayError) and e.code in POLICY_CODES]
+        filtered = sum(a.filtered for a in answers) + sum(n for _, n in refused)
+        images = [image for answer in answers for image in answer.images]
+        if errors:
+            log.warning(
+                "provider %s: %d of %d calls failed (%s); %d images delivered",
+                self.config.name, len(errors), len(results), ", ".join(sorted({e.code or "error" for e in errors})), len(images),
+            )
+        if images:
+            usages = [a.usage for a in answers if a.images]
+            return ImagesResult(
+                created=max(a.created for a in answers), images=images,
+                usage=summed(usages) if all(u is not None for u in usages) else None,
+                extra=answers[0].extra if answers else {}, filtered=filtered,
+            )
+        if not errors:
+            raise upstream_error(f"The provider '{self.config.name}' generated no image.")
+        refusals = [e for e in errors if not isinstance(e, UpstreamError)]
+        if refusals:
+            raise refusals[0]
+        maybe_billed = [e for e in errors if not e.produced_nothing]
+        if maybe_billed:
+            raise maybe_billed[0]
+        raise errors[0]
+
+
+# Refusals that mean a content filter withheld a call's images.
+POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
+
+
+def summed(usages: list[dict]) -> dict:
+    """Token counts of several calls added up, key by key (nested counts too)."""
+    total: dict = {}
+    for usage in usages:
+        for name, value in usage.items():
+            if isinstance(value, dict):
+                total[name] = summed([total.get(name) or {}, value])
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[name] = total.get(name, 0) + value
+    return total

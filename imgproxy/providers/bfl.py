@@ -9,8 +9,8 @@ fetched only from the provider's hosts (base_url and image_hosts: `*.bfl.ai` by 
 
 Mapping: size → width/height (FLUX.1 [pro]/[dev], FLUX.2) or → aspect_ratio (1.1 [pro] ultra),
 output_format jpeg/png passed; n → n jobs submitted in parallel (at most
-`options.max_parallel` at once) and merged. The image is always downloaded, so the client gets
-it as b64_json or as a URL the gateway hosts.
+`options.max_parallel` at once) and merged (Provider.fan_out). The image is always
+downloaded, so the client gets it as b64_json or as a URL the gateway hosts.
 
 Money: a submission BFL refused (401, 402, 422, 429, a 5xx with an error body) produced
 nothing. Once a job is accepted BFL runs and bills it, whatever happens next (a poll that
@@ -66,46 +66,25 @@ class BflProvider(Provider):
         options = config.options
         self.poll_interval = float(options.get("poll_interval", 0.5))
         self.max_poll_interval = float(options.get("max_poll_interval", 4.0))
-        self.max_parallel = int(options.get("max_parallel", 4))
 
     async def generate(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult:
         key = self.require_key(request.model)
-        deadline = time.monotonic() + call.timeout
         body = self.build_body(request, target)
-        gate = asyncio.Semaphore(self.max_parallel)
 
-        async def job():
-            async with gate:
-                return await self.run_job(key, target.model.upstream_model, body, deadline, call)
-
-        results = await asyncio.gather(*(job() for _ in range(request.n)), return_exceptions=True)
-        images, failures, moderated, undelivered = [], [], [], 0
-        for result in results:
-            if isinstance(result, Accepted):
-                if result.error.code == "content_policy_violation":
-                    moderated.append(result.error)
-                else:
-                    undelivered += 1  # accepted, so billed, but not delivered
-                    failures.append(result.error)
-            elif isinstance(result, UpstreamError):
+        async def one(sub: ImageRequest, sub_call: UpstreamCall) -> ImagesResult:
+            try:
+                image = await self.run_job(key, target.model.upstream_model, body, time.monotonic() + sub_call.timeout, sub_call)
+            except Accepted as accepted:
+                if accepted.error.code != "content_policy_violation":  # a moderated job is taken as not billed
+                    call.outcome.undelivered_billed += 1  # accepted, so billed, but not delivered
+                raise accepted.error from None
+            except UpstreamError as error:
                 # A submission cut or timed out after it was sent may have been accepted: billed at worst.
-                undelivered += not result.produced_nothing
-                failures.append(result)
-            elif isinstance(result, BaseException):
-                if not isinstance(result, GatewayError):
-                    raise result
-                failures.append(result)
-            else:
-                images.append(result)
-        call.outcome.undelivered_billed += undelivered
-        if images:
-            if failures or moderated:
-                log.info("provider %s: %d of %d jobs delivered", self.config.name, len(images), request.n)
-            return ImagesResult(created=int(time.time()), images=images, filtered=len(moderated))
-        error = (failures or moderated)[0]
-        if isinstance(error, UpstreamError) and undelivered:
-            error.produced_nothing = False  # another job was accepted: calling again may pay twice
-        raise error
+                call.outcome.undelivered_billed += not error.produced_nothing
+                raise
+            return ImagesResult(created=int(time.time()), images=[image])
+
+        return await self.fan_out(request, target, call, one)  # one image per job (max_n_per_call: 1)
 
     def build_body(self, request: ImageRequest, target: Target) -> dict:
         width, _, height = request.size.partition("x")

@@ -74,6 +74,11 @@ class GoogleProvider(Provider):
         return self.default_base_url
 
     async def generate(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult:
+        # Imagen makes up to 4 images a call (sampleCount), the Gemini models one: a larger n
+        # is parallel calls, merged, their token counts summed (max_n_per_call in google.yaml).
+        return await self.fan_out(request, target, call, lambda sub, sub_call: self.generate_once(sub, target, sub_call))
+
+    async def generate_once(self, request: ImageRequest, target: Target, call: UpstreamCall) -> ImagesResult:
         imagen = is_imagen(target)
         body = self.imagen_body(request, target) if imagen else self.gemini_body(request, target)
         url = self.model_url(target.model.upstream_model, "predict" if imagen else "generateContent")

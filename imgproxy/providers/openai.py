@@ -26,13 +26,20 @@ class OpenAIProvider(Provider):
     models = load_models(__name__, "openai.yaml")
 
     async def generate(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult | StreamedReply:
-        return await self.post(request, plan, call, self.endpoint(target), json=self.build_body(request, target, plan.upstream_format))
+        # n above the model's max_n_per_call (dall-e-3 takes 1; a host may take fewer than its
+        # models' max_n): parallel calls, merged. The plan then never streams an answer through.
+        return await self.fan_out(
+            request, target, call, lambda sub, sub_call: self.post(sub, plan, sub_call, self.endpoint(target), json=self.build_body(sub, target, plan.upstream_format))
+        )
 
     async def edit(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult | StreamedReply:
-        return await self.post(request, plan, call, self.endpoint(target, "edits"), data=self.build_form(request, target, plan.upstream_format))
+        return await self.fan_out(request, target, call, lambda sub, sub_call: self.post_form(sub, target, plan, sub_call, "edits"))
 
     async def vary(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult | StreamedReply:
-        return await self.post(request, plan, call, self.endpoint(target, "variations"), data=self.build_form(request, target, plan.upstream_format))
+        return await self.fan_out(request, target, call, lambda sub, sub_call: self.post_form(sub, target, plan, sub_call, "variations"))
+
+    async def post_form(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall, operation: str) -> ImagesResult | StreamedReply:
+        return await self.post(request, plan, call, self.endpoint(target, operation), data=self.build_form(request, target, plan.upstream_format))
 
     async def post(self, request: ImageRequest, plan: Plan, call: UpstreamCall, url: str, **body) -> ImagesResult | StreamedReply:
         key = self.require_key(request.model)

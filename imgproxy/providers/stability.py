@@ -27,6 +27,10 @@ class StabilityProvider(Provider):
     models = load_models(__name__, "stability.yaml")
 
     async def generate(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult:
+        # samples takes up to 10, the catalog's max_n: fanned out only if a config lowers max_n_per_call.
+        return await self.fan_out(request, target, call, lambda sub, sub_call: self.generate_once(sub, target, sub_call))
+
+    async def generate_once(self, request: ImageRequest, target: Target, call: UpstreamCall) -> ImagesResult:
         key = self.require_key(request.model)
         engine = target.model.upstream_model
         url = f"{self.config.base_url}/v1/generation/{engine}/text-to-image"

@@ -1,7 +1,8 @@
 """Stability AI's v2beta stable-image API (Stable Image Ultra and Core, Stable Diffusion 3.5),
 translated to and from OpenAI's shape.
 
-One image per call: n > 1 becomes n calls, at most FAN_OUT at a time, whose images are merged.
+One image per call: n > 1 becomes n calls, at most `options.max_parallel` (4) at a time, whose
+images are merged (Provider.fan_out).
 Mapping: size → aspect_ratio (the nearest of Stability's nine ratios: ASPECT_RATIOS),
 output_format passed (SD3.5 has no webp: refused), style vivid/natural → style_preset
 enhance/photographic, user → the stability-client-user-id header; quality has no counterpart
@@ -12,7 +13,6 @@ image/*) when the gateway will host them anyway: a third fewer bytes and no base
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
@@ -26,7 +26,7 @@ from ..messages import GeneratedImage, ImageRequest, ImagesResult
 from ..plan import Plan
 from ..routing import Target
 from ..upstream import MAX_JSON_BYTES, UpstreamCall
-from .base import Provider, log
+from .base import Provider
 from .openai import CONTENT_TYPES, RETRY_AFTER
 
 DEFAULT_BASE_URL = "https://api.stability.ai"
@@ -39,12 +39,10 @@ ASPECT_RATIOS = {
 ENDPOINTS = {"stable-image-ultra": "ultra", "stable-image-core": "core"}
 SD3_FORMATS = ("png", "jpeg")
 STYLE_PRESETS = {"vivid": "enhance", "natural": "photographic"}
-FAN_OUT = 4  # calls in flight for one request (Stability allows 150 per 10 s per account)
 # Stability's documented penalty for going over its rate limit, when it sends no Retry-After.
 RATE_LIMIT_SECONDS = "60"
 # An end-user id Stability may receive in a header: printable ASCII, at most 256 characters.
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]{1,256}")
-_FILTERED = object()  # one call's image was blurred by Stability's content filter
 
 
 def aspect_ratio(size: str) -> str:
@@ -77,23 +75,12 @@ class StabilityV2Provider(Provider):
         if request.user is not None and _HEADER_SAFE.fullmatch(request.user):
             headers["stability-client-user-id"] = request.user
         url = f"{self.config.base_url}/v2beta/stable-image/generate/{endpoint}"
-        gate = asyncio.Semaphore(FAN_OUT)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + call.timeout  # the attempt's time, shared by all its calls
 
-        async def one():
-            async with gate:
-                left = deadline - loop.time()
-                if left <= 0:  # never sent: nothing generated
-                    raise upstream_error(
-                        f"The provider '{self.config.name}' did not answer within {call.timeout:g} seconds.",
-                        status=504, code="upstream_timeout", kind="timeout", produced_nothing=True,
-                    )
-                return await self.one_image(call, url, fields, dict(headers), CONTENT_TYPES[output_format], left)
+        async def one(sub: ImageRequest, sub_call: UpstreamCall) -> ImagesResult:
+            image = await self.one_image(sub_call, url, fields, dict(headers), CONTENT_TYPES[output_format], sub_call.timeout)
+            return ImagesResult(created=int(time.time()), images=[image])
 
-        # Every call is awaited to its end, failed or not: an image already paid for is kept.
-        results = await asyncio.gather(*(one() for _ in range(request.n)), return_exceptions=True)
-        return self.merge(results, request.n)
+        return await self.fan_out(request, target, call, one)  # one image per call (max_n_per_call: 1)
 
     def form_fields(self, request: ImageRequest, sd3_model: str | None, output_format: str) -> list[tuple[str, str]]:
         fields = [("prompt", request.prompt), ("aspect_ratio", aspect_ratio(request.size)), ("output_format", output_format)]
@@ -114,8 +101,8 @@ class StabilityV2Provider(Provider):
                 body = await self.upstream.read_json(resp, self.config) if resp.content_type == "application/json" else {}
         if resp.status != 200:
             raise self.map_error(resp.status, body, resp.headers.get("Retry-After"))
-        if body.get("finish_reason") == "CONTENT_FILTERED":
-            return _FILTERED
+        if body.get("finish_reason") == "CONTENT_FILTERED":  # a blurred image: withheld, not billed
+            raise GatewayError(400, "Your request was rejected by the provider's content filter.", code="content_policy_violation")
         if body.get("finish_reason") != "SUCCESS" or not (raw or isinstance(body.get("image"), str)):
             raise upstream_error(f"The provider '{self.config.name}' generated no usable image.")
         if raw is not None:
@@ -130,28 +117,6 @@ class StabilityV2Provider(Provider):
             if len(data) > MAX_JSON_BYTES:
                 raise upstream_error(f"The provider '{self.config.name}' sent an image larger than this gateway takes.")
         return data
-
-    def merge(self, results: list, n: int) -> ImagesResult:
-        """The images of the calls that delivered one. If none did, the error that says most:
-        the client's (a refusal) first, then one that may have been billed (never retried)."""
-        images = [r for r in results if isinstance(r, GeneratedImage)]
-        filtered = sum(r is _FILTERED for r in results)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for error in errors:
-            if not isinstance(error, GatewayError):
-                raise error  # not a provider failure: a defect, or the request was cancelled
-        if errors or filtered:
-            log.warning(
-                "provider %s: %d of %d calls failed and %d images were filtered", self.config.name, len(errors), n, filtered
-            )
-        if images:
-            return ImagesResult(created=int(time.time()), images=images, filtered=filtered)
-        refusals = [e for e in errors if not isinstance(e, UpstreamError)]
-        if refusals:
-            raise refusals[0]
-        if filtered:
-            raise GatewayError(400, "Your request was rejected by the provider's content filter.", code="content_policy_violation")
-        raise next((e for e in errors if not e.produced_nothing), errors[0])
 
     def map_error(self, status: int, body: dict, retry_after: str | None) -> GatewayError:
         """Our error rebuilt from the status, `name` and the redacted `errors`; nothing else."""
