@@ -10,7 +10,7 @@ import os
 import re
 import time
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import cors, models_api
@@ -47,13 +47,13 @@ def create_app(served: Gateway | Runtime, *, reuse_port: bool = False) -> web.Ap
     app[RUNTIME] = runtime
     app.cleanup_ctx.append(_lifecycle)
     cors.setup(app, lambda: runtime.gateway.config.server.cors_origins)
-    app.router.add_post("/v1/images/generations", post_generations)
-    app.router.add_post("/v1/images/edits", post_edits)
-    app.router.add_post("/v1/images/variations", post_variations)
-    app.router.add_get("/v1/images/files/{name}", get_image_file)
-    app.router.add_get("/v1/models", get_models)
+    app.router.add_post("/v1/images/generations", post_generations, expect_handler=expectation)
+    app.router.add_post("/v1/images/edits", post_edits, expect_handler=expectation)
+    app.router.add_post("/v1/images/variations", post_variations, expect_handler=expectation)
+    app.router.add_get("/v1/images/files/{name}", get_image_file, expect_handler=expectation)
+    app.router.add_get("/v1/models", get_models, expect_handler=expectation)
     # `.+`: a model may be named provider/model, as in a generation request.
-    app.router.add_get("/v1/models/{model:.+}", get_model)
+    app.router.add_get("/v1/models/{model:.+}", get_model, expect_handler=expectation)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     metrics = runtime.gateway.config.metrics
@@ -62,6 +62,15 @@ def create_app(served: Gateway | Runtime, *, reuse_port: bool = False) -> web.Ap
     else:
         app.cleanup_ctx.append(_metrics_site(metrics.host, metrics.port, reuse_port))
     return app
+
+
+async def expectation(request: web.Request) -> None:
+    """`Expect: 100-continue` is answered as aiohttp answers it; any other expectation is
+    ignored (RFC 9110 allows it), so the request gets its ordinary answer, an envelope like
+    every other, where aiohttp would send a plain-text 417 that quotes the header."""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the answer's size
 
 
 def metrics_app(runtime: Runtime) -> web.Application:

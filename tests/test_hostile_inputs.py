@@ -278,3 +278,27 @@ async def test_an_upstream_error_type_that_is_not_text_is_not_relayed(client, fa
     fake_openai.cue(status=400, body={"error": {"message": "no", "type": True, "code": None}})
     error = await assert_error(await client.post(URL, json={"model": "dall-e-3", "prompt": "x"}, headers=AUTH), 400, None)
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("expect", ["something-else", "100-continue, x", "x" * 300])
+async def test_an_expectation_other_than_100_continue_gets_the_ordinary_envelope(client, expect):
+    # aiohttp's own answer would be a plain-text 417 quoting the header, before any middleware.
+    resp = await client.post(URL, json={"model": "dall-e-3", "prompt": "x"}, headers={"Expect": expect})
+    await assert_error(resp, 401, "invalid_api_key")
+
+
+async def test_100_continue_still_lets_an_upload_through(client, fake_openai):
+    host, port = client.server.host, client.server.port
+    body = json.dumps({"model": "dall-e-3", "prompt": "a cat", "response_format": "b64_json"}).encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"POST {URL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 100 Continue\r\n"
+    writer.write(body)
+    await writer.drain()
+    await reader.readline()  # the blank line after the 100
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+    writer.close()
