@@ -131,6 +131,7 @@ class Gateway:
         await self.hooks.each("imgproxy_startup", gateway=self)
 
     async def close(self) -> None:
+        await self.idempotency.close()
         await self.hooks.each("imgproxy_shutdown", gateway=self)
         await self.store.close()
         await self.upstream.close()

@@ -27,7 +27,7 @@ from aiohttp import web
 from .config import IdempotencyConfig
 from .errors import GatewayError
 from .messages import RequestContext
-from .state import State
+from .state import State, StateUnavailable
 
 log = logging.getLogger("imgproxy.idempotency")
 
@@ -36,6 +36,10 @@ REPLAY_HEADER = "x-imgproxy-idempotent-replay"
 _VALID = re.compile(r"^[\x21-\x7e]{1,255}$")
 POLL = 0.1  # seconds between looks at a request still in progress
 MARGIN = 60.0  # an in-progress mark outlives the model's timeout by this much
+RETRY_INTERVAL = 0.5  # seconds between tries to keep answers while the state backend is away
+# Answers waiting to be kept are held up to this many bytes; beyond it only their marker
+# (retries get 409 idempotent_answer_unavailable): still never a second upstream call.
+UNKEPT_MAX_BYTES = 64 * 1024 * 1024
 
 
 def fingerprint(ctx: RequestContext) -> str:
@@ -52,6 +56,11 @@ class Idempotency:
     def __init__(self, state: State, config: IdempotencyConfig) -> None:
         self.state = state
         self.config = config
+        # Records the backend could not take when their request ended (key → record), kept
+        # until it is back: an in-progress mark lost or expired meanwhile must not let a retry
+        # make a second paid call.
+        self.unkept: dict[str, bytes] = {}
+        self._keeper: asyncio.Task | None = None
 
     async def begin(self, ctx: RequestContext) -> web.Response | None:
         """None: go ahead (and call `finish` afterwards); else the stored answer to replay."""
@@ -116,6 +125,39 @@ class Idempotency:
             else:
                 headers = {"Content-Type": response.content_type, **ctx.response_headers}
                 record = {"state": "done", "body": body, "status": response.status, "headers": headers, "answer": answer.decode()}
-            await self.state.put(key, json.dumps(record).encode(), self.config.ttl)
+            value = json.dumps(record).encode()
+            try:
+                await self.state.put(key, value, self.config.ttl)
+            except StateUnavailable:
+                self.keep_later(key, value, body)
         except Exception:
             log.exception("could not keep the answer of request %s for its Idempotency-Key", ctx.request_id)
+
+    def keep_later(self, key: str, value: bytes, body: str) -> None:
+        held = sum(map(len, self.unkept.values()))
+        if held + len(value) > UNKEPT_MAX_BYTES:
+            value = json.dumps({"state": "unavailable", "body": body}).encode()
+        self.unkept[key] = value
+        log.warning("the state backend is away: %d Idempotency-Key answer(s) kept in memory until it is back", len(self.unkept))
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep_when_back())
+
+    async def _keep_when_back(self) -> None:
+        while self.unkept:
+            await asyncio.sleep(RETRY_INTERVAL)
+            await self._put_unkept()
+
+    async def _put_unkept(self) -> None:
+        for key, value in list(self.unkept.items()):
+            try:
+                await self.state.put(key, value, self.config.ttl)
+            except StateUnavailable:
+                return
+            self.unkept.pop(key, None)
+
+    async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+        await self._put_unkept()
+        if self.unkept:
+            log.error("%d Idempotency-Key answer(s) could not be kept (the state backend is away): their retries may be sent upstream again", len(self.unkept))

@@ -85,7 +85,8 @@ class GuardedState:
         try:
             await self.inner.put(key, value, ttl)
         except StateUnavailable as exc:
-            self._failed("put", exc, decision=True)
+            # Bookkeeping (an idempotent answer kept after the fact): the caller tries again.
+            self._failed("put", exc, decision=False)
 
     async def load(self, key: str) -> bytes | None:
         try:

@@ -189,3 +189,35 @@ async def test_a_refusal_by_the_moderation_model_is_decided_afresh(make_client, 
     await images_body(retry)
     assert (len(fake_openai.moderation_requests), len(fake_openai.requests)) == (2, 1)
     assert [r["cost_usd"] for r in records(tmp_path)] == [0.0, 0.016]
+
+
+@pytest.mark.parametrize("on_unavailable", ["open", "closed"])
+async def test_an_answer_that_redis_could_not_take_is_kept_once_it_is_back(make_client, config_text, tmp_path, fake_openai, own_redis, on_unavailable):
+    # Redis dies while the upstream call runs and comes back empty (no persistence): the
+    # in-progress mark is gone, so without the answer a retry would make a second paid call.
+    import redis.asyncio as redis
+
+    text = config(config_text, tmp_path, "redis", url=own_redis.url, prefix="idem:").replace(
+        "key_prefix: 'idem:'", f"key_prefix: 'idem:', on_unavailable: {on_unavailable}"
+    )
+    client = await make_client(text)
+    headers = {**AUTH, "Idempotency-Key": "order-blip"}
+    fake_openai.cue(delay=0.5, body={"created": 1, "data": [{"url": f"{fake_openai.base_url}/files/a.png"}]})
+    first = asyncio.ensure_future(client.post(URL, json=BODY, headers=headers))
+    while not fake_openai.requests:
+        await asyncio.sleep(0.02)
+    own_redis.stop()
+    first_body = await images_body(await first)
+    own_redis.start()
+    inspect = redis.Redis.from_url(own_redis.url)
+    try:
+        for _ in range(100):  # the gateway tries again every half second
+            if await inspect.keys("idem:*"):
+                break
+            await asyncio.sleep(0.1)
+        assert await inspect.keys("idem:*"), "the answer was never kept"
+    finally:
+        await inspect.aclose()
+    retry = await client.post(URL, json=BODY, headers=headers)
+    assert await images_body(retry) == first_body and retry.headers["x-imgproxy-idempotent-replay"] == "true"
+    assert len(fake_openai.requests) == 1
