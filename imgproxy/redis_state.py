@@ -9,6 +9,7 @@ timeout; a failure is raised as `StateUnavailable` for the caller's policy to ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from typing import Callable
@@ -263,6 +264,12 @@ class RedisState:
             if pending is not None and exc.timed_out and len(self._uncertain) < MAX_UNCERTAIN:
                 self._uncertain.append((reservations, pending))
             raise
+        except asyncio.CancelledError:
+            # Cancelled (a shutdown's drain timeout) once the script may have been sent: it can
+            # still run, so it is undone as a timed-out one is, at the latest when this replica stops.
+            if pending is not None and len(self._uncertain) < MAX_UNCERTAIN:
+                self._uncertain.append((reservations, pending))
+            raise
         if failed != 0:
             return failed - 1
         if pending is not None:
@@ -274,10 +281,7 @@ class RedisState:
         return (await self._call(self._settle(keys=keys, args=args))).decode()
 
     async def claim_expired(self, limit: int = 100) -> list[dict]:
-        while self._uncertain:
-            reservations, pending = self._uncertain[0]
-            await self.settle([Reservation(item.key, -item.amount, None, item.ttl) for item in reservations], pending)
-            self._uncertain.pop(0)
+        await self._undo_uncertain()
         index = self.prefix + PENDING_SCOPES
         if self._scopes_seen:  # restore the index if Redis restarted empty since it was written
             await self._call(self.redis.sadd(index, *self._scopes_seen))
@@ -317,5 +321,17 @@ class RedisState:
         except StateUnavailable:
             return False
 
+    async def _undo_uncertain(self) -> None:
+        """Undo the reservations whose script may have run after the client gave up on it
+        (settling only removes what is still pending: one that never ran changes nothing)."""
+        while self._uncertain:
+            reservations, pending = self._uncertain[0]
+            await self.settle([Reservation(item.key, -item.amount, None, item.ttl) for item in reservations], pending)
+            self._uncertain.pop(0)
+
     async def close(self) -> None:
+        # A replica that stops undoes its uncertain reservations while it can: no other replica
+        # knows of them, and recovery would bill them at their worst case.
+        with contextlib.suppress(StateUnavailable):
+            await self._undo_uncertain()
         await self.redis.aclose()

@@ -258,3 +258,35 @@ async def test_a_password_given_as_a_query_argument_never_reaches_the_logs(make_
         server.stop()
     assert masked_url("unix:///run/redis.sock?db=1&password=pw") == "unix:///run/redis.sock?db=1&password=***"
     assert masked_url("redis://app:pw@redis.example:6380/1?pass%77ord=pw2") == "redis://app:***@redis.example:6380/1?pass%77ord=***"
+
+
+async def test_a_reservation_cancelled_in_flight_is_undone_before_the_replica_stops(own_redis):
+    """A shutdown's drain timeout cancels a request while its reserve script waits on the server:
+    the script still runs, and no other replica knows of it. The stopping replica undoes it, or
+    recovery would bill a request that never called the provider at its worst case."""
+    import redis as sync_redis
+
+    from imgproxy.state import Pending, Reservation
+
+    backend = RedisState(own_redis.url, key_prefix="cancelled:", timeout=5)
+    other = RedisState(own_redis.url, key_prefix="cancelled:")
+    try:
+        spend = [Reservation("spend:{team}:day", 1.0, 10.0, 1000)]
+        await backend.reserve([Reservation("spend:{team}:day", 0.0, 10.0, 1000)], Pending("team", "warm", {}, deadline=1000))
+        busy = "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2] " \
+               "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 1000000 return 1"
+        with sync_redis.Redis.from_url(own_redis.url) as admin:
+            blocker = asyncio.get_running_loop().run_in_executor(None, admin.eval, busy, 0)
+            await asyncio.sleep(0.2)
+            request = asyncio.create_task(backend.reserve(spend, Pending("team", "cut", {"request_id": "cut"}, deadline=0)))
+            await asyncio.sleep(0.3)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            await blocker
+        assert await other.get("spend:{team}:day") == 1.0  # it ran after the request was cancelled
+        await backend.close()  # the replica stops
+        assert await other.claim_expired() == []  # nothing left for recovery to bill
+        assert await other.get("spend:{team}:day") == 0.0
+    finally:
+        await other.close()
