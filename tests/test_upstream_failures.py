@@ -172,6 +172,16 @@ class TestStability:
         error = await assert_error(await client.post(URL, json=self.SDXL, headers=AUTH), 502, "upstream_auth_failed")
         assert "sk-bad" not in error["message"]
 
+    async def test_rate_limit_keeps_retry_after(self, client, fake_stability):
+        fake_stability.cue(status=429, headers={"Retry-After": "7"}, body={"id": "x", "name": "rate_limit_exceeded", "message": "You have exceeded the rate limit"})
+        resp = await client.post(URL, json=self.SDXL, headers=AUTH)
+        await assert_error(resp, 429, "rate_limit_exceeded")
+        assert resp.headers["Retry-After"] == "7"
+        fake_stability.cue(status=429, headers={"Retry-After": "soon; key=x"}, body={"id": "x", "name": "rate_limit_exceeded", "message": "slow down"})
+        resp = await client.post(URL, json=self.SDXL, headers=AUTH)
+        await assert_error(resp, 429, "rate_limit_exceeded")
+        assert "Retry-After" not in resp.headers  # only seconds or an HTTP date are passed on
+
     async def test_server_error_and_garbage(self, client, fake_stability):
         fake_stability.cue(status=500, body={"id": "x", "name": "server_error", "message": "An unexpected server error occurred"})
         await assert_error(await client.post(URL, json=self.SDXL, headers=AUTH), 502, "upstream_error")
