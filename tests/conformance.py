@@ -137,7 +137,7 @@ GEMINI_REFUSALS = (
     Refusal("something forbidden", words=("PROHIBITED_CONTENT", "HARM_CATEGORY_DANGEROUS_CONTENT"), param="prompt"),  # promptFeedback
     Refusal("an unsafe-image", words=("IMAGE_SAFETY", "HARM_CATEGORY_SEXUALLY_EXPLICIT"), param="prompt"),  # the candidate withheld
 )
-GEMINI_ONE = "Gemini image models answer one image per request (n is 1; docs/providers.md)"
+GEMINI_ONE = "Gemini image models return one image per request (n is 1)"
 
 
 def _stability_error(name: str, message: str) -> dict:

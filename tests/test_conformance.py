@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -250,3 +251,11 @@ async def test_an_upstream_that_never_answers_is_504_in_bounded_time(entry, upst
     record = await cost_is_recorded(resp, usage_log)
     assert (record["status"], record["images"]) == (504, 0), record
     assert record["cost_usd"] == pytest.approx(entry.billed_if_ambiguous), record
+
+
+def test_what_each_provider_cannot_support_is_documented():
+    """docs/providers.md lists exactly the entries' skips, with their reasons."""
+    docs = (Path(__file__).parents[1] / "docs" / "providers.md").read_text()
+    table = docs.split("What a provider cannot support, and why", 1)[1].split("\n\n", 2)[1]
+    rows = {tuple(cell.strip().strip("`") for cell in line.strip("|").split("|")) for line in table.splitlines()[2:]}
+    assert rows == {(entry.id, check, why) for entry in ENTRIES for check, why in entry.cannot.items()}
