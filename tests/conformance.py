@@ -35,6 +35,7 @@ class Refusal:
     words: tuple[str, ...] = ()  # the provider's reasons kept in the message
     n: int = 1
     param: str | None = None  # "prompt" where the prompt itself was refused
+    type: str = "invalid_request_error"
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Entry:
     max_n: int = 1  # the largest n the entry is asked for in one request
     size: str = "1024x1024"
     default_format: str = "url"  # what an answer carries when the client names no response_format
+    relays_b64: bool = False  # b64_json answers are relayed as they arrive, not parsed first
     price: float | dict | None = None  # per image (or {size: per image}), standard quality; None: by tokens or credits
     cost: dict = field(default_factory=dict)  # extra `cost:` config (prices of configured models)
     refusals: tuple[Refusal, ...] = ()
@@ -151,17 +153,17 @@ def _v2_error(name: str, message: str) -> dict:
 ENTRIES = (
     Entry(
         "openai-dall-e-2", FakeOpenAI, _openai, "dall-e-2", {"dall-e-2": {"provider": "openai"}}, FAKE_PNG,
-        max_n=4, size="512x512", price={"1024x1024": 0.02, "512x512": 0.018}, refusals=(DALL_E_REFUSAL,), **OPENAI_ERRORS,
+        max_n=4, size="512x512", price={"1024x1024": 0.02, "512x512": 0.018}, relays_b64=True, refusals=(DALL_E_REFUSAL,), **OPENAI_ERRORS,
     ),
     Entry(
         "openai-dall-e-3", FakeOpenAI, _openai, "dall-e-3", {"dall-e-3": {"provider": "openai"}}, FAKE_PNG,
-        price=0.04, refusals=(DALL_E_REFUSAL,), **OPENAI_ERRORS,
+        price=0.04, relays_b64=True, refusals=(DALL_E_REFUSAL,), **OPENAI_ERRORS,
         cannot={"n>1": "dall-e-3 generates one image per request (OpenAI's limit)"},
     ),
     Entry(
         # OpenAI's GPT image models refuse with their own code, which the SDKs know: kept.
         "openai-gpt-image-1", FakeOpenAI, _openai, "gpt-image-1", {"gpt-image-1": {"provider": "openai"}}, FAKE_PNG,
-        max_n=2, default_format="b64_json", refusals=(Refusal("something forbidden", code="moderation_blocked"),), **OPENAI_ERRORS,
+        max_n=2, default_format="b64_json", refusals=(Refusal("something forbidden", code="moderation_blocked", type="image_generation_user_error"),), **OPENAI_ERRORS,
     ),
     Entry(
         "azure-dall-e-3", FakeAzureOpenAI, _azure, "azure-dall-e-3",
@@ -231,7 +233,7 @@ ENTRIES = (
         lambda fake, tmp_path: {"type": "openai_compatible", "base_url": f"{fake.base_url}/v1", "api_key": KEY, "options": {"key_header": "X-Api-Key", "key_prefix": ""}},
         "flux", {"flux": {"provider": "host", "upstream_model": "black-forest-labs/FLUX.1-schnell", "capabilities": {
             "sizes": ["1024x1024", "512x512"], "default_size": "1024x1024", "max_n": 4, "max_prompt_length": 4000, "upstream_formats": ["url", "b64_json"]}}},
-        FAKE_PNG, max_n=4, price=0.003, cost={"prices": {"flux": {"per_image": {"*": {"*": 0.003}}}}},
+        FAKE_PNG, max_n=4, price=0.003, relays_b64=True, cost={"prices": {"flux": {"per_image": {"*": {"*": 0.003}}}}},
         refusals=(DALL_E_REFUSAL,), **OPENAI_ERRORS,
     ),
     Entry(
