@@ -145,6 +145,31 @@ async def test_reference_provider_prefixed_example(entry, upstream, gateway):
     assert_sent_and_valid(upstream)
 
 
+HD_EXAMPLES = {
+    "landscape": {"prompt": "A futuristic cyberpunk cityscape at night", "quality": "hd", "size": "1792x1024", "style": "vivid"},
+    "portrait": {"prompt": "Professional portrait photograph of a senior software engineer", "size": "1024x1792", "style": "natural", "quality": "hd"},
+}
+
+
+@pytest.mark.parametrize("example", HD_EXAMPLES)
+async def test_reference_hd_examples_are_honoured_or_refused_before_any_call(entry, upstream, gateway, example):
+    """dall-e-3's examples: a provider that cannot honour a parameter refuses it with a 400
+    naming it, and calls nothing (docs/providers.md: passed, translated or refused)."""
+    client = await gateway()
+    body = {"model": entry.model, **HD_EXAMPLES[example]}
+    resp = await client.post(URL, json=body, headers=AUTH)
+    if resp.status == 200:
+        await assert_images(client, entry, await images_body(resp), None, 1, body["size"])
+        assert_sent_and_valid(upstream)
+        return
+    error = (await resp.json())["error"]
+    assert error["param"] in body and error["param"] in error["message"].lower(), error
+    await assert_error(resp, 400, error["code"], error["param"])
+    assert error["code"] in ("invalid_size", "invalid_quality", "invalid_style", "unsupported_parameter", "invalid_value"), error
+    assert upstream is None or upstream.requests == []  # refused before anything was sent (or paid)
+    assert resp.headers["x-imgproxy-cost-usd"] == "0.000000"
+
+
 # The fakes check what imgproxy sends them.
 
 
@@ -274,3 +299,4 @@ def test_what_each_provider_cannot_support_is_documented():
     table = docs.split("What a provider cannot support, and why", 1)[1].split("\n\n", 2)[1]
     rows = {tuple(cell.strip().strip("`") for cell in line.strip("|").split("|")) for line in table.splitlines()[2:]}
     assert rows == {(entry.id, check, why) for entry in ENTRIES for check, why in entry.cannot.items()}
+
