@@ -75,7 +75,7 @@ def _openai(fake, tmp_path):
 
 
 def _openai_error(message: str, kind: str, code, param=None) -> dict:
-    return {"error": {"message": f"{message} ({KEY})", "type": kind, "param": param, "code": code}}
+    return {"error": {"message": f"{message} ({KEY}, masked {KEY[:5]}***{KEY[-3:]})", "type": kind, "param": param, "code": code}}
 
 
 OPENAI_ERRORS = dict(
@@ -99,9 +99,9 @@ def _azure_preview(fake, tmp_path):
 
 
 AZURE_ERRORS = dict(
-    rate_limited={"error": {"code": "429", "message": f"Requests to the Images_Generations Operation have exceeded the call rate limit ({KEY})."}},
-    server_error={"error": {"code": "InternalServerError", "message": f"The server had an error while processing your request ({KEY})."}},
-    bad_request=(400, {"error": {"code": "invalid_size", "message": f"The size is not supported by this model ({KEY}).", "param": "size", "type": "invalid_request_error"}}),
+    rate_limited={"error": {"code": "429", "message": f"Requests to the Images_Generations Operation have exceeded the call rate limit ({KEY}, masked {KEY[:5]}***{KEY[-3:]})."}},
+    server_error={"error": {"code": "InternalServerError", "message": f"The server had an error while processing your request ({KEY}, masked {KEY[:5]}***{KEY[-3:]})."}},
+    bad_request=(400, {"error": {"code": "invalid_size", "message": f"The size is not supported by this model ({KEY}, masked {KEY[:5]}***{KEY[-3:]}).", "param": "size", "type": "invalid_request_error"}}),
     bad_request_code="invalid_size",
     bad_request_param="size",
     bad_request_words="The size is not supported by this model",
@@ -120,7 +120,7 @@ def _vertex(fake, tmp_path):
 
 
 def _google_error(code: int, status: str, message: str) -> dict:
-    return {"error": {"code": code, "message": f"{message} ({KEY})", "status": status}}
+    return {"error": {"code": code, "message": f"{message} ({KEY}, masked {KEY[:5]}***{KEY[-3:]})", "status": status}}
 
 
 GOOGLE_ERRORS = dict(
@@ -143,11 +143,11 @@ GEMINI_ONE = "Gemini image models return one image per request (n is 1)"
 
 
 def _stability_error(name: str, message: str) -> dict:
-    return {"id": "296a972f-666a-44a1-a3df-c9c28a1f56c0", "name": name, "message": f"{message} ({KEY})"}
+    return {"id": "296a972f-666a-44a1-a3df-c9c28a1f56c0", "name": name, "message": f"{message} ({KEY}, masked {KEY[:5]}***{KEY[-3:]})"}
 
 
 def _v2_error(name: str, message: str) -> dict:
-    return {"id": "296a972f666a44a1a3dfc9c28a1f56c0", "name": name, "errors": [f"{message} ({KEY})"]}
+    return {"id": "296a972f666a44a1a3dfc9c28a1f56c0", "name": name, "errors": [f"{message} ({KEY}, masked {KEY[:5]}***{KEY[-3:]})"]}
 
 
 ENTRIES = (
@@ -200,9 +200,9 @@ ENTRIES = (
         "bfl", FakeBFL, lambda fake, tmp_path: {"type": "bfl", "base_url": fake.base_url, "api_key": KEY, "options": {"poll_interval": 0.01, "max_poll_interval": 0.05}},
         "flux-pro-1.1", {"flux-pro-1.1": {"provider": "bfl"}}, BFL_PNG, max_n=2, price=0.04,
         refusals=(Refusal("a forbidden logo", words=("the prompt", "Derivative Works"), param="prompt"), Refusal("something explicit", words=("the generated image", "NSFW"))),
-        rate_limited={"detail": f"Too many active tasks ({KEY})"},
-        server_error={"detail": f"Internal Server Error ({KEY})"},
-        bad_request=(422, {"detail": [{"loc": ["body", "width"], "msg": f"width must be a multiple of 32 ({KEY})", "type": "value_error"}]}),
+        rate_limited={"detail": f"Too many active tasks ({KEY}, masked {KEY[:5]}***{KEY[-3:]})"},
+        server_error={"detail": f"Internal Server Error ({KEY}, masked {KEY[:5]}***{KEY[-3:]})"},
+        bad_request=(422, {"detail": [{"loc": ["body", "width"], "msg": f"width must be a multiple of 32 ({KEY}, masked {KEY[:5]}***{KEY[-3:]})", "type": "value_error"}]}),
         bad_request_code="invalid_value", bad_request_words="width must be a multiple of 32",
         probe=("/v1/flux-pro-1.1", {"prompt": 5, "width": "wide"}),
         billed_if_ambiguous=0.04,
