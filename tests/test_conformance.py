@@ -280,14 +280,22 @@ async def test_a_failure_that_produced_nothing_is_retried_per_policy_and_billed_
 # Timeouts.
 
 
-@pytest.mark.parametrize("how", ["silent", "stalls mid-answer"])
+@pytest.mark.parametrize("how", ["silent", "stalls mid-answer", "stalls mid-answer (b64_json)"])
 async def test_an_upstream_that_never_answers_is_504_in_bounded_time(entry, upstream, gateway, usage_log, how):
     skip_unless(entry, "timeout")
     client = await gateway(total=0.5)
     upstream.cue(delay=3, stall=how != "silent")
-    response_format = "url"
+    response_format = "b64_json" if "b64_json" in how else "url"
     async with asyncio.timeout(10):  # an outer bound, not a measure of speed
         resp = await client.post(URL, json={"model": entry.model, "prompt": FOREST, "response_format": response_format}, headers=AUTH)
+        if entry.relays_b64 and response_format == "b64_json":
+            # Relayed as it arrives: the status left with the first bytes; the client sees a cut.
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+            record = await usage_record(usage_log, resp.headers["x-request-id"])
+            assert (record["error"], record["images"], record["cost_usd"]) == ("upstream_timeout", 0, 0), record
+            return
         await assert_error(resp, 504, "upstream_timeout")
     assert resp.headers["x-should-retry"] == "false"  # the provider may have generated it
     record = await cost_is_recorded(resp, usage_log)
