@@ -229,6 +229,8 @@ def failure(entry: Entry, kind: str) -> tuple[dict, int, str, str | None, str]:
     """(the fake's cue, status, code, param, words kept) of one failure of the entry's upstream."""
     if kind == "429":
         return {"status": 429, "body": entry.rate_limited, "headers": {"Retry-After": RETRY_AFTER}}, 429, "rate_limit_exceeded", None, ""
+    if kind == "429 garbled Retry-After":
+        return {"status": 429, "body": entry.rate_limited, "headers": {"Retry-After": f"soon; {KEY}"}}, 429, "rate_limit_exceeded", None, ""
     if kind in ("500", "503"):
         return {"status": int(kind), "body": entry.server_error}, 502, "upstream_error", None, ""
     if kind == "4xx":
@@ -241,7 +243,7 @@ def failure(entry: Entry, kind: str) -> tuple[dict, int, str, str | None, str]:
 
 @pytest.mark.parametrize(
     "kind, response_format",
-    [("429", "url"), ("500", "url"), ("503", "url"), ("4xx", "url"), ("malformed json", "url"), ("malformed json", "b64_json"), ("cut", "url"), ("cut", "b64_json")],
+    [("429", "url"), ("429 garbled Retry-After", "url"), ("500", "url"), ("503", "url"), ("4xx", "url"), ("malformed json", "url"), ("malformed json", "b64_json"), ("cut", "url"), ("cut", "b64_json")],
 )
 async def test_upstream_failure(entry, upstream, gateway, usage_log, kind, response_format):
     skip_unless(entry, "upstream errors")
@@ -258,8 +260,10 @@ async def test_upstream_failure(entry, upstream, gateway, usage_log, kind, respo
     assert KEY not in answer and KEY[:8] not in answer and f"{KEY[:5]}***" not in answer, error
     if kind == "429":
         assert resp.headers["Retry-After"] == RETRY_AFTER
+    if kind == "429 garbled Retry-After":  # never passed on; at most the provider's documented wait
+        assert resp.headers.get("Retry-After", "0").isdigit(), dict(resp.headers)
     # Worth a retry only where the provider surely produced nothing and may answer next time.
-    assert resp.headers["x-should-retry"] == ("true" if kind in ("429", "500", "503") else "false")
+    assert resp.headers["x-should-retry"] == ("true" if kind.startswith(("429", "5")) else "false")
     assert_sent_and_valid(upstream)
     record = await cost_is_recorded(resp, usage_log)
     ambiguous = kind in ("malformed json", "cut")  # sent, and answered in a way that may hide an accepted call
