@@ -151,7 +151,10 @@ async def forward_answer(ctx: RequestContext, reply: StreamedReply, check: Answe
         return out
     except (InlineImageError, GatewayError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError) as exc:
         log.warning("upstream sent a bad or broken answer after the status (request %s): %s", ctx.request_id, exc)
-        ctx.outcome.error_code, ctx.outcome.upstream_error_kind = "upstream_bad_response", "bad_body"
+        # A read that ran out of time is a timeout in the record and the metrics, not a bad body.
+        timed_out = isinstance(exc, asyncio.TimeoutError)
+        ctx.outcome.error_code = "upstream_timeout" if timed_out else "upstream_bad_response"
+        ctx.outcome.upstream_error_kind = "timeout" if timed_out else "bad_body"
         check.images, check.usage = delivered, None
         if ctx.http.transport is not None:
             # The status is out: dropping the connection is the only way left to say "failed".

@@ -69,6 +69,7 @@ class Cue:
     content_type: str = "application/json"
     delay: float = 0.0
     cut: bool = False  # promise a long body, send a little, drop the connection
+    stall: bool = False  # promise a long body, send a little, then send nothing more for `delay`
     reset: bool = False  # read the request, then drop the connection without a word
     headers: dict = field(default_factory=dict)
 
@@ -117,7 +118,8 @@ class FakeUpstream:
         if not self.cues:
             return None
         cue = self.cues.pop(0)
-        await asyncio.sleep(cue.delay)
+        if not cue.stall:
+            await asyncio.sleep(cue.delay)
         if cue.reset:
             request.transport.abort()
             return web.Response()  # never sent: the connection is gone
@@ -127,6 +129,13 @@ class FakeUpstream:
             await resp.prepare(request)
             await resp.write(b'{"created": 1, "data": [{"b64_json": "iVBOR')
             request.transport.close()
+            return resp
+        if cue.stall:
+            resp = web.StreamResponse(status=cue.status, headers={"Content-Type": cue.content_type})
+            resp.content_length = 100_000
+            await resp.prepare(request)
+            await resp.write(b'{"created": 1, "data": [{"b64_json": "iVBOR')
+            await asyncio.sleep(cue.delay)
             return resp
         raw = cue.body if isinstance(cue.body, bytes) else json.dumps(cue.body).encode()
         return web.Response(status=cue.status, body=raw, content_type=cue.content_type, headers=cue.headers)

@@ -261,20 +261,6 @@ async def test_imagen_output_format_and_compression_are_passed(client, google):
 
 # Content policy.
 
-async def test_imagen_prompt_refusal_is_content_policy_violation(client, google, usage_log):
-    resp = await post(client, {"model": IMAGEN, "prompt": "something forbidden"})
-    error = await assert_error(resp, 400, "content_policy_violation", "prompt")
-    assert "Responsible AI" in error["message"]
-    assert (await record(usage_log, resp.headers["x-request-id"]))["cost_usd"] == 0
-
-
-async def test_imagen_every_image_filtered_is_content_policy_violation_with_categories(client, google, usage_log):
-    resp = await post(client, {"model": IMAGEN, "prompt": "filter-all of it", "n": 2})
-    error = await assert_error(resp, 400, "content_policy_violation", "prompt")
-    assert "Violence" in error["message"] and "filtered out" in error["message"]
-    assert (await record(usage_log, resp.headers["x-request-id"]))["cost_usd"] == 0
-
-
 async def test_imagen_some_images_filtered_delivers_and_bills_the_rest(client, google, usage_log):
     resp = await post(client, {"model": IMAGEN, "prompt": "filter-one of them", "n": 3, "response_format": "b64_json"})
     body = await images_body(resp)
@@ -287,17 +273,6 @@ async def test_imagen_some_images_filtered_delivers_and_bills_the_rest(client, g
 async def test_imagen_no_predictions_at_all_is_content_policy_violation(client, google):
     google.cue(body={})  # Google omits filtered images when it gives no reasons
     await assert_error(await post(client, {"model": IMAGEN, "prompt": "a fox"}), 400, "content_policy_violation", "prompt")
-
-
-@pytest.mark.parametrize("prompt, words", [
-    ("something forbidden", ["PROHIBITED_CONTENT", "HARM_CATEGORY_DANGEROUS_CONTENT"]),
-    ("an unsafe-image", ["IMAGE_SAFETY", "HARM_CATEGORY_SEXUALLY_EXPLICIT"]),
-])
-async def test_gemini_blocks_are_content_policy_violation_with_categories(client, google, usage_log, prompt, words):
-    resp = await post(client, {"model": "gemini-2.5-flash-image", "prompt": prompt})
-    error = await assert_error(resp, 400, "content_policy_violation", "prompt")
-    assert all(word in error["message"] for word in words), error
-    assert (await record(usage_log, resp.headers["x-request-id"]))["cost_usd"] == 0
 
 
 # Upstream failures.
@@ -323,25 +298,6 @@ async def test_upstream_429_is_429_with_retry_after_from_retry_info(client, goog
     assert resp.headers["Retry-After"] == "17"
 
 
-async def test_upstream_429_passes_a_retry_after_header(client, google):
-    google.cue(status=429, body={"error": {"code": 429, "message": "Quota exceeded.", "status": "RESOURCE_EXHAUSTED"}}, headers={"Retry-After": "9"})
-    resp = await post(client, {"model": "gemini-2.5-flash-image", "prompt": "a fox"})
-    await assert_error(resp, 429, "rate_limit_exceeded")
-    assert resp.headers["Retry-After"] == "9"
-
-
-@pytest.mark.parametrize("status", [500, 503])
-async def test_upstream_5xx_is_502(client, google, status):
-    google.cue(status=status, body={"error": {"code": status, "message": "Internal error encountered.", "status": "INTERNAL"}})
-    await assert_error(await post(client, {"model": IMAGEN, "prompt": "a fox"}), 502, "upstream_error")
-
-
-async def test_upstream_timeout_is_504(make_google, google):
-    client = await make_google(total=0.5)
-    google.cue(delay=2, body={"predictions": []})
-    await assert_error(await post(client, {"model": IMAGEN, "prompt": "a fox"}), 504, "upstream_timeout")
-
-
 @pytest.mark.parametrize("cue", [
     {"cut": True},
     {"body": b"<html>502 Bad Gateway</html>", "content_type": "text/html"},
@@ -359,12 +315,6 @@ async def test_a_cut_or_garbage_answer_is_502(client, google, usage_log, cue):
 async def test_gemini_answer_without_image_is_502(client, google):
     google.cue(body={"candidates": [{"content": {"parts": [{"text": "I cannot draw that."}]}, "finishReason": "STOP"}]})
     await assert_error(await post(client, {"model": "gemini-2.5-flash-image", "prompt": "a fox"}), 502, "upstream_bad_response")
-
-
-async def test_the_key_echoed_by_google_never_reaches_the_client(client, google):
-    google.cue(status=400, body={"error": {"code": 400, "message": f"Bad request for key {FakeUpstream.key}", "status": "INVALID_ARGUMENT"}})
-    error = await assert_error(await post(client, {"model": IMAGEN, "prompt": "a fox"}), 400, "invalid_argument")
-    assert FakeUpstream.key not in error["message"]
 
 
 async def test_gemini_api_without_key_is_503_provider_not_configured(make_google, google):

@@ -192,12 +192,6 @@ async def test_server_errors_garbage_and_cuts_are_502(v2_client, fake_v2, tmp_pa
     assert records(tmp_path)[0]["cost_usd"] == 0.0
 
 
-async def test_timeout_is_504(v2_client, fake_v2):
-    client = await v2_client(total=1)
-    fake_v2.cue(delay=3)
-    await assert_error(await client.post(URL, json={"model": "core", "prompt": "x"}, headers=AUTH), 504, "upstream_timeout")
-
-
 async def test_a_failed_call_of_several_keeps_the_images_paid_for(v2_client, fake_v2, tmp_path):
     client = await v2_client()
     fake_v2.cue(status=500, body={"id": "x", "name": "internal_error", "errors": ["oops"]})
@@ -256,12 +250,6 @@ async def test_calls_waiting_for_their_turn_share_the_attempts_time(v2_client, f
     assert len((await images_body(resp))["data"]) == 4
     assert resp.headers["x-imgproxy-cost-usd"] == "0.120000"
 
-
-async def test_an_upstream_refusal_keeps_its_name_and_words_but_never_the_key(v2_client, fake_v2):
-    client = await v2_client()
-    fake_v2.cue(status=400, body={"id": "x", "name": "bad_request", "errors": [f"aspect_ratio: invalid (key {FakeUpstream.key})"]})
-    error = await assert_error(await client.post(URL, json={"model": "core", "prompt": "x"}, headers=AUTH), 400, "bad_request")
-    assert "aspect_ratio: invalid" in error["message"] and FakeUpstream.key not in error["message"]
 
 
 @pytest.mark.parametrize("options", ["{max_parallel: 0}", "{max_parallel: many}"])

@@ -20,18 +20,6 @@ def no_key_in(*texts: str) -> None:
         assert "sk-up***" not in text  # nor the upstream's masked echo of it
 
 
-async def test_content_policy_dall_e(client):
-    resp = await client.post(URL, json={**DALLE, "prompt": "something forbidden"}, headers=AUTH)
-    error = await assert_error(resp, 400, "content_policy_violation")
-    assert error["type"] == "invalid_request_error" and "safety system" in error["message"]
-
-
-async def test_content_policy_gpt_image(client):
-    resp = await client.post(URL, json={"model": "gpt-image-1", "prompt": "something forbidden"}, headers=AUTH)
-    error = await assert_error(resp, 400, "moderation_blocked")
-    assert error["type"] == "image_generation_user_error"
-
-
 async def test_rejected_provider_key_is_502_without_the_key(make_client, config_text, caplog):
     text = config_text().replace(f"api_key: {FakeUpstream.key}", "api_key: sk-wrong-provider-key-123", 1)
     client = await make_client(text)
@@ -45,24 +33,9 @@ async def test_rejected_provider_key_is_502_without_the_key(make_client, config_
     assert "rejected imgproxy's credentials" in caplog.text  # the operator is told
 
 
-@pytest.mark.parametrize("status", [500, 503])
-async def test_upstream_5xx_is_502(client, fake_openai, status):
-    fake_openai.cue(status=status, body={"error": {"message": f"internal {FakeUpstream.key}", "type": "server_error", "param": None, "code": None}})
-    resp = await client.post(URL, json=DALLE, headers=AUTH)
-    error = await assert_error(resp, 502, "upstream_error")
-    no_key_in(error["message"])
-
-
 async def test_upstream_404_means_wrong_upstream_model(client, fake_openai):
     fake_openai.cue(status=404, body={"error": {"message": "The model does not exist", "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
     await assert_error(await client.post(URL, json=DALLE, headers=AUTH), 502, "upstream_model_not_found")
-
-
-async def test_upstream_rate_limit_is_429_with_retry_after(client, fake_openai):
-    fake_openai.cue(status=429, headers={"Retry-After": "7"}, body={"error": {"message": "Rate limit reached", "type": "requests", "param": None, "code": "rate_limit_exceeded"}})
-    resp = await client.post(URL, json=DALLE, headers=AUTH)
-    await assert_error(resp, 429, "rate_limit_exceeded")
-    assert resp.headers["Retry-After"] == "7"
 
 
 async def test_upstream_out_of_quota_is_502(client, fake_openai):
@@ -153,24 +126,26 @@ class TestStability:
         assert sent == {"text_prompts": [{"text": "a lighthouse", "weight": 1}], "width": 1344, "height": 768, "samples": 3, "steps": 50, "style_preset": "photographic"}
         assert fake_stability.headers[-1]["Accept"] == "application/json"
 
-    async def test_filtered_words_are_a_content_policy_violation(self, client):
-        resp = await client.post(URL, json={**self.SDXL, "prompt": "forbidden"}, headers=AUTH)
-        await assert_error(resp, 400, "content_policy_violation", "prompt")
-
     async def test_filtered_artifacts_are_left_out(self, client):
         resp = await client.post(URL, json={**self.SDXL, "prompt": "blurry", "n": 2}, headers=AUTH)
         body = await images_body(resp)
         assert len(body["data"]) == 1
-
-    async def test_all_artifacts_filtered(self, client):
-        resp = await client.post(URL, json={**self.SDXL, "prompt": "blurry"}, headers=AUTH)
-        await assert_error(resp, 400, "content_policy_violation")
 
     async def test_bad_key_and_server_error(self, make_client, config_text, fake_stability):
         text = config_text().replace(f"api_key: {FakeUpstream.key}\n  placeholder", "api_key: sk-bad-stability-key\n  placeholder")
         client = await make_client(text)
         error = await assert_error(await client.post(URL, json=self.SDXL, headers=AUTH), 502, "upstream_auth_failed")
         assert "sk-bad" not in error["message"]
+
+    async def test_rate_limit_keeps_retry_after(self, client, fake_stability):
+        fake_stability.cue(status=429, headers={"Retry-After": "7"}, body={"id": "x", "name": "rate_limit_exceeded", "message": "You have exceeded the rate limit"})
+        resp = await client.post(URL, json=self.SDXL, headers=AUTH)
+        await assert_error(resp, 429, "rate_limit_exceeded")
+        assert resp.headers["Retry-After"] == "7"
+        fake_stability.cue(status=429, headers={"Retry-After": "soon; key=x"}, body={"id": "x", "name": "rate_limit_exceeded", "message": "slow down"})
+        resp = await client.post(URL, json=self.SDXL, headers=AUTH)
+        await assert_error(resp, 429, "rate_limit_exceeded")
+        assert "Retry-After" not in resp.headers  # only seconds or an HTTP date are passed on
 
     async def test_server_error_and_garbage(self, client, fake_stability):
         fake_stability.cue(status=500, body={"id": "x", "name": "server_error", "message": "An unexpected server error occurred"})

@@ -17,6 +17,7 @@ from ..plan import Plan
 from ..routing import Target
 from ..upstream import UpstreamCall
 from .base import Provider, log
+from .openai import RETRY_AFTER
 
 STEPS = {"standard": 30, "hd": 50}
 STYLE_PRESETS = {"vivid": "enhance", "natural": "photographic"}
@@ -44,7 +45,7 @@ class StabilityProvider(Provider):
         ) as resp:
             body = await self.upstream.read_json(resp, self.config) if resp.content_type == "application/json" else {}
         if resp.status != 200:
-            raise self.map_error(resp.status, body)
+            raise self.map_error(resp.status, body, resp.headers.get("Retry-After"))
         if not body:
             raise upstream_error(f"The provider '{self.config.name}' returned an answer that is not JSON.")
         return self.parse(body)
@@ -87,7 +88,7 @@ class StabilityProvider(Provider):
             log.info("provider %s withheld %d filtered and %d failed artifacts", self.config.name, filtered, failed)
         return ImagesResult(created=int(time.time()), images=images, filtered=filtered)
 
-    def map_error(self, status: int, body: dict) -> GatewayError:
+    def map_error(self, status: int, body: dict, retry_after: str | None = None) -> GatewayError:
         """Our error rebuilt from the status, `name` and a redacted `message`; nothing else."""
         name = self.plain_word(body.get("name"))
         message = self.upstream_message(body.get("message"), status)
@@ -98,5 +99,7 @@ class StabilityProvider(Provider):
         if status == 400:
             return GatewayError(400, message, code=name)
         if status == 429:
-            return UpstreamError(429, message, type="requests", code="rate_limit_exceeded", kind="rate_limited", produced_nothing=True)
+            # The provider's Retry-After, when well-formed, tells the client when to come back.
+            headers = {"Retry-After": retry_after} if retry_after and RETRY_AFTER.fullmatch(retry_after) else None
+            return UpstreamError(429, message, type="requests", code="rate_limit_exceeded", kind="rate_limited", produced_nothing=True, headers=headers)
         return self.upstream_error_for_status(status, error_body=name is not None or bool(body.get("message")))
