@@ -256,7 +256,7 @@ class CostPlugin:
         # and ctx.stamp no longer reaches them: there the header is absent.
         ctx.response_headers["x-imgproxy-cost-usd"] = usd(cost)
         # Made only where it is written (no usage_log: no record to make).
-        record = self.usage_record(ctx, outcome, cost) if ctx.request is not None and self.usage_log is not None else None
+        record = self.usage_record(ctx, outcome, cost) if self.usage_log is not None else None
         if scratch is not None:
             try:
                 await self.settle(ctx.gateway.state, scratch, cost, record)
@@ -299,28 +299,31 @@ class CostPlugin:
         return (images + undelivered) * price.image(ctx.request.quality, ctx.request.size)
 
     def usage_record(self, ctx, outcome, cost: float) -> dict:
+        # A request refused before its model and parameters were known (a body that is not
+        # JSON, an unknown model, a size the model lacks) is recorded too, with what is known.
+        request, target = ctx.request, ctx.target
         return {
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": ctx.request_id,
             "key": ctx.identity.name,
-            "model": ctx.target.model.name,  # the target that served (a fallback's when one did)
-            "provider": ctx.target.provider.name,
-            "requested_model": ctx.route.model.name,
-            "operation": ctx.request.operation,
+            "model": target.model.name if target else None,  # the target that served (a fallback's when one did)
+            "provider": target.provider.name if target else None,
+            "requested_model": ctx.route.model.name if ctx.route else None,
+            "operation": request.operation if request else None,
             "attempts": outcome.attempts,
-            "n": ctx.request.n,
+            "n": request.n if request else None,
             "images": outcome.images,
-            "size": ctx.request.size,
-            "quality": ctx.request.quality,
+            "size": request.size if request else None,
+            "quality": request.quality if request else None,
             "cost_usd": round(cost, 6),
             "latency_seconds": round(time.monotonic() - ctx.started, 4),
             "status": outcome.status,
             "error": outcome.error_code,
             "user": ctx.user_hash,
             **({"undelivered_billed": outcome.undelivered_billed} if outcome.undelivered_billed else {}),
-            **({"dropped_params": list(ctx.request.dropped)} if ctx.request.dropped else {}),
+            **({"dropped_params": list(request.dropped)} if request and request.dropped else {}),
             **({"cut": True} if outcome.cut else {}),
-            **({"price": "free"} if ctx.target.model.name in self.free else {}),
+            **({"price": "free"} if target and target.model.name in self.free else {}),
         }
 
     def pending_record(self, ctx, worst: float):

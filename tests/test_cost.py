@@ -59,6 +59,25 @@ async def test_usage_records(make_client, config_text, tmp_path):
     assert "secret prompt" not in log.read_text()
 
 
+async def test_requests_refused_before_their_model_is_known_are_recorded_too(make_client, config_text, tmp_path, fake_openai):
+    log = tmp_path / "usage.jsonl"
+    client = await make_client(config_text(extra=f"cost: {{usage_log: {log}}}"))
+    refusals = [
+        ({"data": b"not json", "headers": {**AUTH, "Content-Type": "application/json", "x-request-id": "q-1"}}, 400, "invalid_json"),
+        ({"json": {"model": "no-such-model", "prompt": "x"}, "headers": {**AUTH, "x-request-id": "q-2"}}, 404, "model_not_found"),
+        ({"json": {"model": "dall-e-3", "prompt": "x", "size": "999x999"}, "headers": {**AUTH, "x-request-id": "q-3"}}, 400, "invalid_size"),
+    ]
+    for kwargs, status, code in refusals:
+        resp = await client.post(URL, **kwargs)
+        await assert_error(resp, status, code, (await resp.json())["error"]["param"])
+        assert resp.headers["x-imgproxy-cost-usd"] == "0.000000"
+    await client.close()
+    found = [(r["request_id"], r["status"], r["error"], r["cost_usd"], r["key"]) for r in records(log)]
+    assert found == [("q-1", 400, "invalid_json", 0.0, "team-a"), ("q-2", 404, "model_not_found", 0.0, "team-a"), ("q-3", 400, "invalid_size", 0.0, "team-a")]
+    assert records(log)[2]["requested_model"] == "dall-e-3" and records(log)[1]["model"] is None
+    assert fake_openai.requests == []
+
+
 async def test_daily_budget(make_client, config_text):
     client = await make_client(budget(config_text, "{daily_usd: 0.10}"))
     for _ in range(2):

@@ -251,7 +251,6 @@ async def test_calls_waiting_for_their_turn_share_the_attempts_time(v2_client, f
     assert resp.headers["x-imgproxy-cost-usd"] == "0.120000"
 
 
-
 @pytest.mark.parametrize("options", ["{max_parallel: 0}", "{max_parallel: many}"])
 async def test_a_fan_out_bound_that_would_never_call_is_a_config_error(tmp_path, options):
     from imgproxy.config import ConfigError
