@@ -47,7 +47,7 @@ def credentials(tmp_path, google):
 
 @pytest.fixture
 def make_google(aiohttp_client, google, credentials, usage_log, tmp_path):
-    async def make(*, api_key: str = FakeUpstream.key, credentials_file=None, total: float = 5, vertex_options: str = "", retries: int = 1, env=None, models: str = ""):
+    async def make(*, api_key: str = FakeUpstream.key, credentials_file=None, total: float = 5, vertex_options: str = "", retries: int = 1, env=None, models: str = "", server: str = ""):
         creds = credentials if credentials_file is None else credentials_file
         text = f"""
 auth:
@@ -79,6 +79,7 @@ images:
   signing_key: test-signing-key
 cost:
   usage_log: {usage_log}
+{server}
 """
         gateway = await Gateway.load(text=text, env=env or {})
         client = await aiohttp_client(create_app(gateway))
@@ -556,6 +557,23 @@ async def test_a_fallback_that_cannot_take_the_images_together_is_skipped(make_g
     google.cue(status=503, body=GOOGLE_503)
     await images_body(await post_edit(client, {"model": "pro-with-fallback", "prompt": "x"}, small))
     assert [p.rsplit("/", 1)[1] for p in google.paths[1:]] == [f"{PRO}:generateContent", f"{FLASH}:generateContent"]
+
+
+async def test_edit_bodies_count_against_the_process_memory_budget(make_google, google):
+    # The base64 body is held in memory while its calls run: counted with the upstream answers
+    # held, so many large edits at once get 503 instead of a growing heap.
+    client = await make_google(server="server: {max_upstream_buffer_bytes: 2000000}")
+    resp = await post_edit(client, {"model": FLASH, "prompt": "x"}, [("image", big_png(1_600_000))])  # 2.13 MB in base64
+    await assert_error(resp, 503, "server_overloaded")
+    assert google.paths == []
+    await images_body(await post_edit(client, {"model": FLASH, "prompt": "x"}, [("image", big_png(1_200_000))]))  # 1.6 MB
+    assert len(google.paths) == 1
+    buffer = client.gateway.shared.upstream_buffer
+    for _ in range(100):  # released when the request's task has ended
+        if buffer.held == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert buffer.held == 0
 
 
 @pytest.mark.parametrize("prompt, words", [("forbidden edit", "PROHIBITED_CONTENT"), ("unsafe-image edit", "IMAGE_SAFETY")])

@@ -27,6 +27,7 @@ import json
 import re
 import time
 
+from .. import limits
 from ..catalog import load_models
 from ..egress import policy_for
 from ..errors import GatewayError, UpstreamError, upstream_error
@@ -99,6 +100,8 @@ class GoogleProvider(Provider):
                 param="model", code="unsupported_operation",
             )
         self.check_edit(request, target)
+        # The body is held until the last call ends: counted with the answers the process holds.
+        limits.charge(4 * -(-sum(upload.size for upload in request.form.images) // 3) + len(request.prompt.encode()))
         body = await asyncio.to_thread(self.gemini_edit_body, request, target)
         return await self.fan_out(request, target, call, lambda sub, sub_call: self.generate_once(sub, target, sub_call, body))
 
