@@ -133,6 +133,9 @@ class UploadLimits:
     image_types: tuple[str, ...] = ("png",)
     mask: bool = False
     square: bool = False
+    # The input images' bytes together (None: max_images x max_image_bytes): for a provider
+    # that takes them base64 inside one request body of bounded size (Gemini).
+    max_total_bytes: int | None = None
 
     @classmethod
     def from_dict(cls, spec: dict | None) -> "UploadLimits | None":

@@ -6,6 +6,7 @@ body is validated against the specs in tests/specs/; failures come on cue (see F
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ POLICY_MESSAGE = (
     "Image generation failed with the following error: The prompt could not be submitted. This prompt contains "
     "sensitive words that violate Google's Responsible AI practices. Try rephrasing the prompt. Support codes: 42876398"
 )
+# What Google answers a larger request with (the Gemini API documents 20 MB for one request).
+MAX_REQUEST_BYTES = 20 * 1024 * 1024
 RAI_REASON = "Your current safety filter threshold filtered out 1 generated images. You will not be charged for blocked images. Support codes: 56562880"
 
 
@@ -76,9 +79,13 @@ class FakeGoogle(FakeUpstream):
         self.generate_response = _validator(GENERATE_SPEC, "GenerateContentResponse")
         self.error_response = _validator(IMAGEN_SPEC, "GoogleError")
         self.image_tokens = 1290
+        self.input_image_tokens = 560  # per input image of an edit (Gemini 3 Pro Image's count)
+        # Per generateContent request: the input images as (mimeType, decoded bytes).
+        self.inline_images: list[list[tuple[str, bytes]]] = []
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # Google's own bound on a request (above it: 400, checked in serve); edits carry images.
+        app = web.Application(client_max_size=2 * MAX_REQUEST_BYTES)
         app.router.add_post("/v1beta/models/{call}", self.gemini_api)
         app.router.add_post("/v1/projects/{project}/locations/{location}/publishers/google/models/{call}", self.vertex)
         app.router.add_post("/token", self.token)
@@ -141,10 +148,14 @@ class FakeGoogle(FakeUpstream):
     async def serve(self, request: web.Request, vertex: bool) -> web.StreamResponse:
         model, _, method = request.match_info["call"].partition(":")
         self.paths.append(request.path)
+        if request.content_length is None or request.content_length > MAX_REQUEST_BYTES:
+            self.invalid.append(f"a request body of {request.content_length} bytes")
+            return self.error(400, "INVALID_ARGUMENT", f"Request payload size exceeds the limit: {MAX_REQUEST_BYTES} bytes.")
         if method == "predict":
             body = await self.record(request, self.predict_request if vertex else self.gemini_predict_request)
         elif method == "generateContent":
             body = await self.record(request, self.generate_request)
+            self.inline_images.append(self.inline_parts(body["contents"][0]["parts"]))
         else:
             return self.error(404, "NOT_FOUND", "Method not found.")
         cued = await self.answer_cue(request)
@@ -173,11 +184,30 @@ class FakeGoogle(FakeUpstream):
             predictions += [{"raiFilteredReason": RAI_REASON, "safetyAttributes": {"categories": ["Violence"], "scores": [0.9]}}] * filtered
         return {"predictions": predictions}
 
+    def inline_parts(self, parts: list[dict]) -> list[tuple[str, bytes]]:
+        """An edit's input images, each decoded strictly (Google refuses broken base64)."""
+        images = []
+        for part in parts:
+            if "inlineData" in part:
+                try:
+                    data = base64.b64decode(part["inlineData"]["data"], validate=True)
+                except (binascii.Error, ValueError):
+                    self.invalid.append("inlineData.data is not base64")
+                    data = b""
+                images.append((part["inlineData"]["mimeType"], data))
+        return images
+
     def generate(self, body: dict):
-        prompt = body["contents"][0]["parts"][0]["text"]
-        prompt_tokens = len(prompt) // 4 + 1  # a realistic count, under the gateway's worst case of one per 2 characters
+        parts = body["contents"][0]["parts"]
+        texts = [part["text"] for part in parts if "text" in part]
+        images = [part for part in parts if "inlineData" in part]
+        prompt = texts[0] if texts else ""
+        text_tokens = len(prompt) // 4 + 1  # a realistic count, under the gateway's worst case of one per 2 characters
+        image_in = self.input_image_tokens * len(images)
+        prompt_tokens = text_tokens + image_in
+        details = [{"modality": "TEXT", "tokenCount": text_tokens}] + ([{"modality": "IMAGE", "tokenCount": image_in}] if images else [])
         usage = {"promptTokenCount": prompt_tokens, "candidatesTokenCount": self.image_tokens, "totalTokenCount": prompt_tokens + self.image_tokens,
-                 "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": self.image_tokens}]}
+                 "promptTokensDetails": details, "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": self.image_tokens}]}
         if "forbidden" in prompt:
             return {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT", "safetyRatings": [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}]},
                     "usageMetadata": {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}}

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from imgproxy.gateway import Gateway
@@ -45,7 +47,7 @@ def credentials(tmp_path, google):
 
 @pytest.fixture
 def make_google(aiohttp_client, google, credentials, usage_log, tmp_path):
-    async def make(*, api_key: str = FakeUpstream.key, credentials_file=None, total: float = 5, vertex_options: str = "", retries: int = 1, env=None, models: str = ""):
+    async def make(*, api_key: str = FakeUpstream.key, credentials_file=None, total: float = 5, vertex_options: str = "", retries: int = 1, env=None, models: str = "", server: str = ""):
         creds = credentials if credentials_file is None else credentials_file
         text = f"""
 auth:
@@ -77,6 +79,7 @@ images:
   signing_key: test-signing-key
 cost:
   usage_log: {usage_log}
+{server}
 """
         gateway = await Gateway.load(text=text, env=env or {})
         client = await aiohttp_client(create_app(gateway))
@@ -357,6 +360,212 @@ async def test_gemini_3_pro_4k_is_reserved_at_its_4k_price(client, google, usage
     resp = await post(client, {"model": "gemini-3-pro-image-preview", "prompt": "a fox", "size": "4096x4096", "response_format": "b64_json"})
     await images_body(resp)
     assert (await record(usage_log, resp.headers["x-request-id"]))["cost_usd"] == pytest.approx((2 * 2.0 + 2000 * 120.0) / 1e6, abs=1e-6)
+
+
+# Edits: the Gemini image models take the input images inline in generateContent.
+
+JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2  # recognised by its first bytes, as Google would
+WEBP = b"RIFF\x24\x00\x00\x00WEBPVP8 " + bytes(range(255, -1, -1)) * 2
+FLASH = "gemini-2.5-flash-image"
+PRO = "gemini-3-pro-image-preview"
+PRO_PRICE = {"text_input": 2.0, "image_input": 2.0, "output": 120.0}
+
+
+def big_png(size: int) -> bytes:
+    """A PNG's signature and header, then `size` random bytes (imgproxy reads only the head)."""
+    return tiny_png(64, 64)[:33] + os.urandom(size)
+
+
+def edit_form(fields: dict, files: list[tuple[str, bytes]]) -> aiohttp.FormData:
+    data = aiohttp.FormData(default_to_multipart=True)
+    for name, value in fields.items():
+        data.add_field(name, str(value))
+    for index, (name, content) in enumerate(files):
+        data.add_field(name, content, filename=f"upload-{index}.png", content_type="image/png")
+    return data
+
+
+async def post_edit(client, fields: dict, files: list[tuple[str, bytes]]):
+    return await client.post("/v1/images/edits", data=edit_form(fields, files), headers=AUTH)
+
+
+@pytest.mark.parametrize("model, path", [
+    (FLASH, f"/v1beta/models/{FLASH}:generateContent"),
+    ("vertex-flash-image", f"/v1/projects/test-project/locations/us-central1/publishers/google/models/{FLASH}:generateContent"),
+])
+async def test_sdk_edit_sends_the_prompt_and_every_image_inline_byte_for_byte(client, google, sdk_for, usage_log, model, path):
+    # The client labels all three as PNG; the mimeType Google gets is each image's real kind.
+    # The PNG is above 1 MiB, so the gateway kept it in a temporary file: read back whole.
+    png = big_png(1_500_000)
+    answer = await sdk_for(client).images.with_raw_response.edit(
+        model=model, prompt="put them on a beach", size="1248x832", response_format="b64_json",
+        image=[("a.png", png, "image/png"), ("b.png", JPEG, "image/png"), ("c.png", WEBP, "image/png")],
+    )
+    result = answer.parse()
+    assert [base64.b64decode(item.b64_json) for item in result.data] == [FAKE_PNG]
+    assert google.paths == [path]
+    sent = google.requests[0]
+    assert sent["contents"][0]["parts"][0] == {"text": "put them on a beach"}
+    assert sent["generationConfig"] == {"responseModalities": ["IMAGE"], "candidateCount": 1, "imageConfig": {"aspectRatio": "3:2"}}
+    assert google.inline_images == [[("image/png", png), ("image/jpeg", JPEG), ("image/webp", WEBP)]]
+    usage = await record(usage_log, answer.headers["x-request-id"])
+    assert usage["operation"] == "edit" and usage["images"] == 1
+
+
+async def test_edit_is_billed_by_its_tokens_input_images_included(make_google, google, usage_log):
+    client = await make_google()
+    prompt = "give the cat a hat"
+    resp = await post_edit(client, {"model": PRO, "prompt": prompt, "n": 2, "response_format": "b64_json"},
+                           [("image[]", tiny_png(8, 8)), ("image[]", JPEG)])
+    body = await images_body(resp)
+    # n=2 is two calls (one image each); each carries both images and is billed for them.
+    assert len(google.requests) == 2 and google.inline_images == [[("image/png", tiny_png(8, 8)), ("image/jpeg", JPEG)]] * 2
+    text = len(prompt) // 4 + 1
+    assert body["usage"]["input_tokens_details"] == {"text_tokens": 2 * text, "image_tokens": 2 * 2 * 560}
+    assert body["usage"]["input_tokens"] == 2 * (text + 2 * 560) and body["usage"]["output_tokens"] == 2 * 1290
+    expected = 2 * (text * PRO_PRICE["text_input"] + 2 * 560 * PRO_PRICE["image_input"] + 1290 * PRO_PRICE["output"]) / 1e6
+    assert (await record(usage_log, resp.headers["x-request-id"]))["cost_usd"] == pytest.approx(expected, abs=1e-6)
+
+
+async def test_edit_token_bill_is_capped_at_the_worst_case_of_its_input_images(client, google, usage_log):
+    google.input_image_tokens = 10_000_000  # an upstream that claims absurd input usage
+    prompt = "add a moon"
+    resp = await post_edit(client, {"model": FLASH, "prompt": prompt, "response_format": "b64_json"}, [("image[]", tiny_png()), ("image[]", JPEG)])
+    await images_body(resp)
+    cost = (await record(usage_log, resp.headers["x-request-id"]))["cost_usd"]
+    # One image at its per-image worst, the prompt at one token per two characters, each input image at 8,192 tokens.
+    assert cost == pytest.approx(0.039 + len(prompt) / 2 * 0.30 / 1e6 + 2 * 8192 * 0.30 / 1e6, abs=1e-6)
+
+
+async def test_a_mask_is_refused_never_dropped(make_google, google, sdk_for, usage_log):
+    # The catalog says mask: false, so the core refuses; an operator who widened a model's
+    # capabilities to take one still gets a refusal from the adapter, before any call.
+    client = await make_google(models=f"""  flash-with-mask:
+    provider: gemini
+    upstream_model: {FLASH}
+    capabilities: {{edits: {{max_images: 3, max_image_bytes: 7000000, image_types: [png], mask: true}}}}
+""")
+    for model in (FLASH, "flash-with-mask"):
+        resp = await post_edit(client, {"model": model, "prompt": "remove the car"}, [("image", tiny_png(4, 4)), ("mask", tiny_png(4, 4, b"\x00\x00\x00"))])
+        body = await assert_error(resp, 400, "unsupported_parameter", "mask")
+    # The adapter's refusal comes after the hooks: recorded, at no cost.
+    assert "Gemini takes no mask" in body["message"]
+    assert (await record(usage_log, resp.headers["x-request-id"]))["cost_usd"] == 0
+    assert google.requests == []
+    # Without the mask the same edit goes through.
+    await images_body(await post_edit(client, {"model": "flash-with-mask", "prompt": "remove the car"}, [("image", tiny_png(4, 4))]))
+    assert len(google.requests) == 1
+
+
+async def test_images_beyond_one_requests_size_are_refused_before_any_call(make_google, google, usage_log):
+    # Three images of 6 MB each are each within 7 MB, but together their base64 (24 MB) would
+    # exceed the 20 MB Google takes in one request. An operator's edits block that names no
+    # max_total_bytes still gets the adapter's bound.
+    client = await make_google(models=f"""  flash-no-total:
+    provider: gemini
+    upstream_model: {FLASH}
+    capabilities: {{edits: {{max_images: 3, max_image_bytes: 7000000, image_types: [png]}}}}
+""")
+    images = [("image[]", big_png(6_000_000)) for _ in range(3)]
+    for model in (FLASH, "flash-no-total", "vertex-flash-image"):
+        resp = await post_edit(client, {"model": model, "prompt": "merge them"}, images)
+        body = await assert_error(resp, 400, "image_too_large", "image")
+        assert "14000000 bytes together" in body["message"]
+        if model == "flash-no-total":  # refused by the adapter, after the hooks: recorded at no cost
+            assert (await record(usage_log, resp.headers["x-request-id"]))["cost_usd"] == 0
+    assert google.paths == [] and google.token_requests == []
+
+
+async def test_the_largest_edit_allowed_fits_googles_request_limit(client, google, usage_log):
+    # The hard case of the bound: images of exactly max_total_bytes together and the longest
+    # prompt, of characters JSON escapes to 12 bytes each, still fit 20,000,000 bytes.
+    images = [("image[]", big_png(7_000_000 - 33)), ("image[]", big_png(7_000_000 - 33))]
+    assert sum(len(data) for _, data in images) == 14_000_000
+    prompt = "\U0001F3A8" * 32000
+    resp = await post_edit(client, {"model": PRO, "prompt": prompt, "response_format": "b64_json"}, images)
+    await images_body(resp)
+    assert int(google.headers[0]["Content-Length"]) <= 20_000_000
+    assert google.inline_images == [[("image/png", data) for _, data in images]]
+    assert google.requests[0]["contents"][0]["parts"][0]["text"] == prompt
+
+
+async def test_a_fallback_that_cannot_take_the_images_together_is_skipped(make_google, google):
+    # The images' total is checked for every fallback before it is called, like their count.
+    client = await make_google(models=f"""  pro-with-fallback:
+    provider: gemini
+    upstream_model: {PRO}
+    fallbacks: [flash-small-total]
+  flash-small-total:
+    provider: gemini
+    upstream_model: {FLASH}
+    capabilities: {{edits: {{max_images: 3, max_image_bytes: 7000000, max_total_bytes: 1000, image_types: [png]}}}}
+""")
+    small, large = [("image[]", tiny_png(2, 2))] * 2, [("image[]", big_png(500))] * 2  # 2 x 533 bytes: over 1000 together
+    google.cue(status=503, body=GOOGLE_503)
+    await assert_error(await post_edit(client, {"model": "pro-with-fallback", "prompt": "x"}, large), 502, "upstream_error")
+    assert [p.rsplit("/", 1)[1] for p in google.paths] == [f"{PRO}:generateContent"]
+    google.cue(status=503, body=GOOGLE_503)
+    await images_body(await post_edit(client, {"model": "pro-with-fallback", "prompt": "x"}, small))
+    assert [p.rsplit("/", 1)[1] for p in google.paths[1:]] == [f"{PRO}:generateContent", f"{FLASH}:generateContent"]
+
+
+async def test_edit_bodies_count_against_the_process_memory_budget(make_google, google):
+    # The base64 body is held in memory while its calls run: counted with the upstream answers
+    # held, so many large edits at once get 503 instead of a growing heap.
+    client = await make_google(server="server: {max_upstream_buffer_bytes: 2000000}")
+    resp = await post_edit(client, {"model": FLASH, "prompt": "x"}, [("image", big_png(1_600_000))])  # 2.13 MB in base64
+    await assert_error(resp, 503, "server_overloaded")
+    assert google.paths == []
+    await images_body(await post_edit(client, {"model": FLASH, "prompt": "x"}, [("image", big_png(1_200_000))]))  # 1.6 MB
+    assert len(google.paths) == 1
+    buffer = client.gateway.shared.upstream_buffer
+    for _ in range(100):  # released when the request's task has ended
+        if buffer.held == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert buffer.held == 0
+
+
+@pytest.mark.parametrize("prompt, words", [("forbidden edit", "PROHIBITED_CONTENT"), ("unsafe-image edit", "IMAGE_SAFETY")])
+async def test_a_content_policy_refusal_of_an_edit(client, google, usage_log, prompt, words):
+    resp = await post_edit(client, {"model": FLASH, "prompt": prompt}, [("image", tiny_png())])
+    body = await assert_error(resp, 400, "content_policy_violation", "prompt")
+    assert words in body["message"]
+    assert len(google.requests) == 1 and google.inline_images == [[("image/png", tiny_png())]]
+    usage = await record(usage_log, resp.headers["x-request-id"])
+    assert usage["operation"] == "edit" and usage["cost_usd"] == 0 and usage["error"] == "content_policy_violation"
+
+
+async def test_an_edit_that_failed_for_nothing_is_sent_again_whole(make_google, google, usage_log):
+    client = await make_google(retries=2)
+    google.cue(status=503, body=GOOGLE_503)
+    png = big_png(2_000_000)
+    resp = await post_edit(client, {"model": FLASH, "prompt": "sharpen", "response_format": "b64_json"}, [("image", png)])
+    await images_body(resp)
+    assert google.inline_images == [[("image/png", png)]] * 2
+    assert (await record(usage_log, resp.headers["x-request-id"]))["attempts"] == 2
+
+
+async def test_imagen_and_variations_are_still_refused(make_google, google):
+    # Imagen edits with other models (capability models, referenceImages): even a model given
+    # edits capabilities by the operator is refused by the adapter, as are variations.
+    client = await make_google(models=f"""  imagen-with-edits:
+    provider: gemini
+    upstream_model: {IMAGEN}
+    capabilities: {{edits: {{max_images: 1, max_image_bytes: 7000000, image_types: [png]}}}}
+""")
+    for model in (IMAGEN, "imagen-with-edits"):
+        resp = await post_edit(client, {"model": model, "prompt": "a hat"}, [("image", tiny_png())])
+        await assert_error(resp, 400, "unsupported_operation", "model")
+    resp = await client.post("/v1/images/variations", data=edit_form({"model": FLASH}, [("image", tiny_png())]), headers=AUTH)
+    await assert_error(resp, 400, "unsupported_operation", "model")
+    assert google.requests == []
+
+
+async def test_too_many_images_for_the_model_are_refused(client, google):
+    resp = await post_edit(client, {"model": FLASH, "prompt": "a collage"}, [("image[]", tiny_png())] * 4)
+    await assert_error(resp, 400, "too_many_images", "image")
+    assert google.requests == []
 
 
 # Vertex AI's service-account token.

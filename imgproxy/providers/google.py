@@ -10,14 +10,24 @@ exact output sizes, so any other size is refused by the core before we are calle
 output_format png/jpeg and output_compression → `outputOptions` (Imagen); the enhanced prompt
 Imagen returns → revised_prompt. Filtered images are left out and not billed; if none is left,
 the request is refused as `content_policy_violation` with the reasons Google gave.
+
+Edits (Gemini image models only): the same `generateContent` call with each input image as an
+`inlineData` part (its real kind as `mimeType`, base64 `data`) after the prompt. Gemini takes
+no mask, so a mask is refused, never dropped. The body holds every image in base64, so it is
+built once per edit, off the event loop, within the request size Google documents, and the
+same bytes are sent by every call of a fanned-out n.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import dataclasses
+import json
 import re
 import time
 
+from .. import limits
 from ..catalog import load_models
 from ..egress import policy_for
 from ..errors import GatewayError, UpstreamError, upstream_error
@@ -40,6 +50,9 @@ SAFETY_REASONS = {"SAFETY", "IMAGE_SAFETY", "PROHIBITED_CONTENT", "IMAGE_PROHIBI
 KEY_REASONS = {"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "API_KEY_HTTP_REFERRER_BLOCKED", "SERVICE_DISABLED", "CONSUMER_INVALID"}
 RETRY_SECONDS = re.compile(r"(\d{1,6})(?:\.\d+)?s")
 RETRY_AFTER = re.compile(r"\d{1,9}|[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
+# The input images' raw bytes together when a model's `edits` names no max_total_bytes: their
+# base64 (4/3) and the longest prompt stay within the 20 MB Google documents for one request.
+INLINE_IMAGES_MAX_BYTES = 14_000_000
 
 
 def is_imagen(target: Target) -> bool:
@@ -78,12 +91,30 @@ class GoogleProvider(Provider):
         # is parallel calls, merged, their token counts summed (max_n_per_call in google.yaml).
         return await self.fan_out(request, target, call, lambda sub, sub_call: self.generate_once(sub, target, sub_call))
 
-    async def generate_once(self, request: ImageRequest, target: Target, call: UpstreamCall) -> ImagesResult:
+    async def edit(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult:
+        if is_imagen(target):
+            # Imagen edits through other models (imagen-3.0-capability-001) with referenceImages
+            # and edit modes: a different request, not this one with images added.
+            raise GatewayError(
+                400, f"The model '{request.model}' is an Imagen model; imgproxy edits with the Gemini image models only.",
+                param="model", code="unsupported_operation",
+            )
+        self.check_edit(request, target)
+        # The body is held until the last call ends: counted with the answers the process holds.
+        limits.charge(4 * -(-sum(upload.size for upload in request.form.images) // 3) + len(request.prompt.encode()))
+        body = await asyncio.to_thread(self.gemini_edit_body, request, target)
+        return await self.fan_out(request, target, call, lambda sub, sub_call: self.generate_once(sub, target, sub_call, body))
+
+    async def generate_once(self, request: ImageRequest, target: Target, call: UpstreamCall, edit_body: bytes | None = None) -> ImagesResult:
         imagen = is_imagen(target)
-        body = self.imagen_body(request, target) if imagen else self.gemini_body(request, target)
+        if edit_body is not None:  # already JSON: the same bytes for every call
+            payload = {"data": edit_body}
+        else:
+            payload = {"json": self.imagen_body(request, target) if imagen else self.gemini_body(request, target)}
         url = self.model_url(target.model.upstream_model, "predict" if imagen else "generateContent")
         headers = await self.auth_headers(request, call)
-        async with self.upstream.request(call, self.config, "POST", url, json=body, headers=headers) as resp:
+        sent = {**headers, "Content-Type": "application/json"} if edit_body is not None else headers
+        async with self.upstream.request(call, self.config, "POST", url, headers=sent, **payload) as resp:
             answer = await self.upstream.read_json(resp, self.config) if resp.content_type == "application/json" else {}
         if resp.status != 200:
             raise self.map_error(resp.status, answer, resp, headers)
@@ -167,6 +198,33 @@ class GoogleProvider(Provider):
             "generationConfig": {"responseModalities": ["IMAGE"], "candidateCount": 1, "imageConfig": image_config},
         }
 
+    def check_edit(self, request: ImageRequest, target: Target) -> None:
+        """Before anything is read or sent: no mask (even where the capabilities were widened to
+        allow one), and the images within one request's size."""
+        form = request.form
+        if form.mask is not None:
+            raise GatewayError(
+                400, f"'mask' is not supported by {request.model}: Gemini takes no mask; say in the prompt what to change.",
+                param="mask", code="unsupported_parameter",
+            )
+        limits = target.model.capabilities.edits
+        most = (limits.max_total_bytes if limits is not None else None) or INLINE_IMAGES_MAX_BYTES
+        total = sum(upload.size for upload in form.images)
+        if total > most:
+            raise GatewayError(
+                400, f"Invalid 'image': {request.model} takes input images of at most {most} bytes together "
+                f"(they travel base64-encoded in one request), got {total}.", param="image", code="image_too_large",
+            )
+
+    def gemini_edit_body(self, request: ImageRequest, target: Target) -> bytes:
+        """The generateContent body of an edit, as JSON bytes: the prompt, then each input image
+        inline (runs in a worker thread: it reads spooled files and encodes megabytes)."""
+        body = self.gemini_body(request, target)
+        parts = body["contents"][0]["parts"]
+        for upload in request.form.images:
+            parts.append({"inlineData": {"mimeType": upload.content_type, "data": base64.b64encode(upload.read()).decode("ascii")}})
+        return json.dumps(body).encode()
+
     def parse_gemini(self, body: dict, request: ImageRequest) -> ImagesResult:
         feedback = body.get("promptFeedback")
         if isinstance(feedback, dict) and feedback.get("blockReason"):
@@ -209,24 +267,34 @@ class GoogleProvider(Provider):
 
     def gemini_usage(self, metadata, images: list) -> dict | None:
         """Google's token counts in OpenAI's usage shape, for the token price: the prompt's
-        tokens as text input, the image-output tokens as output. None if they are not counts."""
+        tokens as input (an edit's input images as image tokens), the image-output tokens as
+        output. None if they are not counts."""
         if not isinstance(metadata, dict):
             return None
         prompt = metadata.get("promptTokenCount")
-        details = metadata.get("candidatesTokensDetails")
-        image_tokens = None
-        if isinstance(details, list):
-            counts = [d.get("tokenCount") for d in details if isinstance(d, dict) and d.get("modality") == "IMAGE"]
-            if counts and all(type(c) is int and c >= 0 for c in counts):
-                image_tokens = sum(counts)
+        image_tokens = self.image_token_count(metadata.get("candidatesTokensDetails"))
         if type(prompt) is not int or prompt < 0 or image_tokens is None:
             return None
+        # An edit's input images are part of the prompt's count; promptTokensDetails says how
+        # much (without it, or if it claims more than the whole, all of it counts as text).
+        image_input = self.image_token_count(metadata.get("promptTokensDetails")) or 0
+        if image_input > prompt:
+            image_input = 0
         return {
             "input_tokens": prompt,
             "output_tokens": image_tokens,
             "total_tokens": prompt + image_tokens,
-            "input_tokens_details": {"text_tokens": prompt, "image_tokens": 0},
+            "input_tokens_details": {"text_tokens": prompt - image_input, "image_tokens": image_input},
         }
+
+    def image_token_count(self, details) -> int | None:
+        """The IMAGE modality's tokens of a list of ModalityTokenCount, or None if none are counts."""
+        if not isinstance(details, list):
+            return None
+        counts = [d.get("tokenCount") for d in details if isinstance(d, dict) and d.get("modality") == "IMAGE"]
+        if counts and all(type(c) is int and c >= 0 for c in counts):
+            return sum(counts)
+        return None
 
     def content_policy(self, reasons: list[str]) -> GatewayError:
         shown = "; ".join(dict.fromkeys(r for r in reasons if r))[:1000]
