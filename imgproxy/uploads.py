@@ -15,7 +15,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import GatewayError, invalid_request
@@ -91,7 +91,8 @@ async def read_form(http: web.Request, max_bytes: int) -> Form:
         raise _too_large(max_bytes)
     form, budget = Form(), _Budget(max_bytes)
     try:
-        reader = await http.multipart()
+        # Over a stream that counts every byte of the body, not only the parts' contents.
+        reader = MultipartReader(http.headers, _CountedBody(http.content, max_bytes))
         for _ in range(MAX_PARTS + 1):
             part = await reader.next()
             if part is None:
@@ -226,6 +227,30 @@ class _Budget:
         self.left -= count
         if self.left < 0:
             raise _too_large(self.limit)
+
+
+class _CountedBody:
+    """The request body as the multipart reader reads it, refused once more than `limit` bytes
+    arrived: a preamble, boundaries and part headers are read inside aiohttp's reader, where
+    _Budget never sees them, and would otherwise let a chunked body run on without end."""
+
+    def __init__(self, stream, limit: int) -> None:
+        self._stream, self._limit = stream, limit
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    async def read(self, n: int = -1) -> bytes:
+        return self._counted(await self._stream.read(n))
+
+    async def readline(self, **kwargs) -> bytes:
+        return self._counted(await self._stream.readline(**kwargs))
+
+    def _counted(self, data: bytes) -> bytes:
+        # total_bytes: all the body received so far (decoded, for a compressed one).
+        if self._stream.total_bytes > self._limit:
+            raise _too_large(self._limit)
+        return data
 
 
 def _too_large(max_bytes: int) -> GatewayError:

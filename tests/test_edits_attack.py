@@ -1,0 +1,132 @@
+"""Attacks on POST /v1/images/edits and /variations, as a hostile client and a misbehaving
+upstream would make them: raw multipart bytes on a real socket, fakes that answer off-spec."""
+
+import asyncio
+import gzip
+import os
+import tempfile
+
+import pytest
+
+from tests.conftest import CLIENT_KEY, assert_error, images_body
+from tests.fakes import tiny_png
+
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+B = "BOUNDARY"
+
+
+def raw_form(parts: list[tuple[bytes, bytes]], preamble: bytes = b"", epilogue: bytes = b"", boundary: str = B) -> bytes:
+    """A multipart body from (header lines, body) pairs, byte for byte as given."""
+    out = preamble
+    for headers, body in parts:
+        out += b"--" + boundary.encode() + b"\r\n" + headers + b"\r\n\r\n" + body + b"\r\n"
+    return out + b"--" + boundary.encode() + b"--\r\n" + epilogue
+
+
+def field(name: str, value: bytes) -> tuple[bytes, bytes]:
+    return (f'Content-Disposition: form-data; name="{name}"'.encode(), value)
+
+
+def image_part(data: bytes, disposition: bytes = b'Content-Disposition: form-data; name="image"; filename="a.png"') -> tuple[bytes, bytes]:
+    return (disposition + b"\r\nContent-Type: image/png", data)
+
+
+def edit_form(*extra: tuple[bytes, bytes], image: bytes | None = None, **kwargs) -> bytes:
+    return raw_form([field("model", b"gpt-image-1"), field("prompt", b"p"), *extra, image_part(image or tiny_png())], **kwargs)
+
+
+def post_raw(client, body, boundary: str = B, headers: dict | None = None):
+    headers = {**AUTH, "Content-Type": f"multipart/form-data; boundary={boundary}", **(headers or {})}
+    return client.post("/v1/images/edits", headers=headers, data=body)
+
+
+def chunked(body: bytes):
+    """The body as a chunked request: no Content-Length for the gateway to refuse early."""
+
+    async def chunks():
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    return chunks()
+
+
+# --- hostile part headers: a 400 envelope or a normal answer, never a 500 -------------------
+
+DISPOSITION = b'Content-Disposition: form-data; name="image"'
+# (the image part's header lines, the status that is right for them)
+HOSTILE_HEADERS = [
+    (DISPOSITION + b"; filename*=bogus''%41.png", 200),  # RFC 5987 with an unknown charset: the parameter is ignored
+    (DISPOSITION + b"; filename*=utf-8''%FF.png", 200),  # not UTF-8 once unquoted: ignored too
+    (b"Content-Disposition: form-data; name*=bogus''%69mage", 400),  # the name itself unreadable: an unnamed part
+    (b"Content-Disposition: form-data; name*=utf-8''%FF%FE", 400),
+    (DISPOSITION + b'; filename="' + b"a" * 8000 + b'"', 200),  # long, within aiohttp's 8190-byte header line
+    (DISPOSITION + b'; filename="' + b"a" * 9000 + b'"', 400),  # beyond it
+    (b'Content-Disposition: form-data; name="image"; name="mask"', 400),  # which one? neither
+    (b"Content-Disposition: ; ; ;", 400),
+    (DISPOSITION + b"\r\n" + b"X-A: b\r\n" * 200, 400),  # more header lines than aiohttp reads
+    (DISPOSITION + b"\r\nContent-Type: multipart/mixed; boundary=" + b"x" * 80, 400),  # a nested form
+    (DISPOSITION + b"\r\nContent-Length: 3", 200),  # ignored in form-data (RFC 7578 4.8): the boundary ends the part
+    (DISPOSITION + b"\r\nContent-Length: -1", 200),
+    (DISPOSITION + b"\r\nContent-Encoding: gzip", 400),
+]
+
+
+@pytest.mark.parametrize(("headers", "status"), HOSTILE_HEADERS, ids=range(len(HOSTILE_HEADERS)))
+async def test_hostile_part_headers_get_a_400_envelope_or_an_answer(client, fake_openai, headers, status):
+    resp = await post_raw(client, raw_form([field("model", b"gpt-image-1"), field("prompt", b"p"), (headers, tiny_png())]))
+    if status == 200:
+        assert len((await images_body(resp))["data"]) == 1
+        assert [data for _, _, data in fake_openai.uploads[-1]] == [tiny_png()]
+    else:
+        await assert_error(resp, 400, "invalid_multipart")
+        assert fake_openai.requests == []
+
+
+@pytest.mark.parametrize("boundary", ["x" * 71, ""])
+async def test_a_boundary_aiohttp_refuses_is_a_400(client, fake_openai, boundary):
+    resp = await post_raw(client, edit_form(boundary=boundary or "x"), boundary=boundary)
+    await assert_error(resp, 400, "invalid_multipart")
+    assert fake_openai.requests == []
+
+
+async def test_a_70_character_boundary_is_accepted(client, fake_openai):
+    boundary = "b" * 70
+    assert len((await images_body(await post_raw(client, edit_form(boundary=boundary), boundary=boundary)))["data"]) == 1
+
+
+# --- max_upload_bytes: every byte of the body counts ------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["preamble", "part-headers", "text-field"])
+async def test_bytes_outside_the_parts_count_against_max_upload_bytes(make_client, fake_openai, where):
+    """A chunked body has no Content-Length to refuse early: 4 MB of preamble, or 100 KB of
+    header lines in one part, must not slip past a 64 KiB limit because they are no part's body."""
+    client = await make_client(extra="server: {max_upload_bytes: 65536}")
+    if where == "preamble":
+        body = edit_form(preamble=(b"x" * 1000 + b"\r\n") * 4000)
+    elif where == "part-headers":
+        filler = b"".join(f"X-Filler-{i}: {'y' * 1000}\r\n".encode() for i in range(100))
+        body = edit_form((b'Content-Disposition: form-data; name="user"\r\n' + filler[:-2], b"u"))
+    else:  # the check that held before: a part's own bytes
+        body = edit_form(field("user", b"u" * 70_000))
+    resp = await post_raw(client, chunked(body))
+    await assert_error(resp, 413, "request_too_large")
+    assert fake_openai.requests == []
+
+
+async def test_a_form_just_under_max_upload_bytes_passes_though_chunked(make_client, fake_openai):
+    client = await make_client(extra="server: {max_upload_bytes: 65536}")
+    image = tiny_png(64, 64)[:33] + os.urandom(60_000)
+    body = edit_form(image=image)
+    assert len(body) < 65536
+    assert len((await images_body(await post_raw(client, chunked(body))))["data"]) == 1
+    assert [data for _, _, data in fake_openai.uploads[-1]] == [image]
+
+
+async def test_a_gzip_body_is_limited_by_what_it_inflates_to(make_client, fake_openai):
+    """20 MiB of zeros compress to 20 KB: the limit is on the inflated form, not the wire bytes."""
+    client = await make_client(extra="server: {max_upload_bytes: 65536}")
+    packed = gzip.compress(edit_form(image=tiny_png(64, 64)[:33] + bytes(20 * 1024 * 1024)))
+    assert len(packed) < 65536
+    await assert_error(await post_raw(client, packed, headers={"Content-Encoding": "gzip"}), 413, "request_too_large")
+    assert fake_openai.requests == []
