@@ -3,13 +3,14 @@ upstream would make them: raw multipart bytes on a real socket, fakes that answe
 
 import asyncio
 import gzip
+import json
 import os
 import tempfile
 
 import pytest
 
-from tests.conftest import CLIENT_KEY, assert_error, images_body
-from tests.fakes import tiny_png
+from tests.conftest import CLIENT_KEY, assert_error, images_body, usage_record
+from tests.fakes import FAKE_B64, tiny_png
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 B = "BOUNDARY"
@@ -130,3 +131,39 @@ async def test_a_gzip_body_is_limited_by_what_it_inflates_to(make_client, fake_o
     assert len(packed) < 65536
     await assert_error(await post_raw(client, packed, headers={"Content-Encoding": "gzip"}), 413, "request_too_large")
     assert fake_openai.requests == []
+
+
+# --- a misbehaving upstream: what it streams is counted and billed -----------------------------
+
+USAGE = {"total_tokens": 100, "input_tokens": 50, "output_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}}
+
+
+def sse(kind: str, count: int) -> bytes:
+    event = {"type": kind, "b64_json": FAKE_B64, "usage": USAGE, "created_at": 1, "size": "1024x1024", "quality": "high", "background": "opaque", "output_format": "png"}
+    return f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode() * count
+
+
+@pytest.fixture
+def usage_log(tmp_path):
+    return tmp_path / "usage.jsonl"
+
+
+@pytest.fixture
+async def gateway(make_client, usage_log):
+    return await make_client(extra=f"cost: {{usage_log: {usage_log}}}")
+
+
+@pytest.mark.parametrize(("operation", "events"), [("edit", "image_generation"), ("generate", "image_edit"), ("edit", "image_edit")])
+async def test_a_stream_with_the_other_operations_events_is_cut_at_n_and_billed(gateway, fake_openai, usage_log, operation, events):
+    """An OpenAI-compatible host may answer an edit with image_generation.* events (or the
+    reverse): its images are still counted, so no more than n are relayed and each is billed."""
+    fake_openai.cue(body=sse(f"{events}.completed", 3), content_type="text/event-stream")
+    if operation == "edit":
+        resp = await post_raw(gateway, edit_form(field("stream", b"true")))
+    else:
+        resp = await gateway.post("/v1/images/generations", headers=AUTH, json={"model": "gpt-image-1", "prompt": "p", "stream": True})
+    text = await resp.text()
+    assert resp.status == 200 and text.count(f"event: {events}.completed") == 1, text[:300]
+    record = await usage_record(usage_log, resp.headers["x-request-id"])
+    # gpt-image-1's token prices: 10 text and 40 image input tokens, 50 output tokens.
+    assert record["images"] == 1 and record["cost_usd"] == pytest.approx((10 * 5.0 + 40 * 10.0 + 50 * 40.0) / 1e6), record
