@@ -24,7 +24,7 @@ FILE_FIELDS = ("image", "image[]", "mask")
 # The form's text fields are short: the longest is a prompt of 32,000 characters.
 MAX_TEXT_BYTES = 256 * 1024
 MAX_PARTS = 64  # 16 images, a mask and every parameter fit many times over
-IN_MEMORY_BYTES = 1024 * 1024  # a larger upload goes to a temporary file
+IN_MEMORY_BYTES = 1024 * 1024  # a form's uploads together; beyond that they go to temporary files
 WRITE_BYTES = 1024 * 1024  # written to that file a mebibyte at a time, off the event loop
 CHUNK = 64 * 1024
 TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -164,7 +164,7 @@ async def _read_upload(part, kind_of_field: str, budget: "_Budget") -> Upload:
             digest.update(chunk)
             upload.size += len(chunk)
             pending += chunk
-            if file is None and len(pending) > IN_MEMORY_BYTES:
+            if file is None and len(pending) > budget.memory:
                 fd, upload._path = tempfile.mkstemp(prefix="imgproxy-upload-")  # mode 0600
                 file = os.fdopen(fd, "wb")
             if file is not None and len(pending) >= WRITE_BYTES:
@@ -173,6 +173,7 @@ async def _read_upload(part, kind_of_field: str, budget: "_Budget") -> Upload:
             chunk = await part.read_chunk(CHUNK)
         if file is None:
             upload._data = bytes(pending)
+            budget.memory -= upload.size
         else:
             await asyncio.to_thread(file.write, bytes(pending))
     except BaseException:
@@ -222,6 +223,9 @@ class _Budget:
     def __init__(self, limit: int) -> None:
         self.left = limit
         self.limit = limit
+        # What the form's uploads may still keep in memory, together: each small image in
+        # memory would hold a form of 60 images of 1 MiB whole.
+        self.memory = IN_MEMORY_BYTES
 
     def take(self, count: int) -> None:
         self.left -= count

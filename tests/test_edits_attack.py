@@ -167,3 +167,31 @@ async def test_a_stream_with_the_other_operations_events_is_cut_at_n_and_billed(
     record = await usage_record(usage_log, resp.headers["x-request-id"])
     # gpt-image-1's token prices: 10 text and 40 image input tokens, 50 output tokens.
     assert record["images"] == 1 and record["cost_usd"] == pytest.approx((10 * 5.0 + 40 * 10.0 + 50 * 40.0) / 1e6), record
+
+
+# --- memory: a form of many small images is not held whole ------------------------------------
+
+
+@pytest.fixture
+def spool(tmp_path, monkeypatch):
+    path = tmp_path / "spool"
+    path.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(path))
+    return path
+
+
+async def test_many_images_under_the_spool_threshold_are_not_all_kept_in_memory(client, fake_openai, spool):
+    """Each image under 1 MiB stayed in memory, so a form of 16 (or, until refused, 60) such
+    images was held whole: 16 MiB of memory per request. At most 1 MiB of a form's images is
+    kept in memory; the rest go to temporary files like a large image."""
+    images = [tiny_png(64, 64)[:33] + os.urandom(600 * 1024) for _ in range(4)]
+    fake_openai.cue(delay=0.5, body={"created": 1, "data": [{"b64_json": FAKE_B64}]})
+    body = raw_form([field("model", b"gpt-image-1"), field("prompt", b"p")] + [image_part(i, b'Content-Disposition: form-data; name="image[]"; filename="a.png"') for i in images])
+    call = asyncio.ensure_future(post_raw(client, body))
+    while not fake_openai.uploads and not call.done():
+        await asyncio.sleep(0.02)
+    spooled = sorted((spool / name).stat().st_size for name in os.listdir(spool))
+    assert sum(map(len, images)) - sum(spooled) <= 1024 * 1024, spooled  # what stayed in memory
+    assert len((await images_body(await call))["data"]) == 1
+    assert [data for _, _, data in fake_openai.uploads[-1]] == images
+    assert os.listdir(spool) == []
