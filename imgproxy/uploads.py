@@ -21,7 +21,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from .errors import GatewayError, invalid_request
 
 FILE_FIELDS = ("image", "image[]", "mask")
-# The form's text fields are short: the longest is a prompt of 32,000 characters.
+# The form's text fields together: the longest is a prompt of 32,000 characters (at most
+# 128,000 bytes of UTF-8), the others are short.
 MAX_TEXT_BYTES = 256 * 1024
 MAX_PARTS = 64  # 16 images, a mask and every parameter fit many times over
 IN_MEMORY_BYTES = 1024 * 1024  # a form's uploads together; beyond that they go to temporary files
@@ -136,8 +137,12 @@ async def _read_part(part, form: Form, budget: "_Budget") -> None:
     while chunk := await part.read_chunk(CHUNK):
         budget.take(len(chunk))
         raw += chunk
-        if len(raw) > MAX_TEXT_BYTES:
-            raise invalid_request(f"The form field '{_shown(name)}' is longer than {MAX_TEXT_BYTES} bytes.", param=_shown(name), code="invalid_value")
+        budget.text -= len(chunk)
+        if budget.text < 0:
+            raise invalid_request(
+                f"The form's text fields are longer than {MAX_TEXT_BYTES // 1024} KiB together (at the field '{_shown(name)}').",
+                param=_shown(name), code="invalid_value",
+            )
     try:
         form.fields[name] = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -226,6 +231,7 @@ class _Budget:
         # What the form's uploads may still keep in memory, together: each small image in
         # memory would hold a form of 60 images of 1 MiB whole.
         self.memory = IN_MEMORY_BYTES
+        self.text = MAX_TEXT_BYTES  # and its text fields, together
 
     def take(self, count: int) -> None:
         self.left -= count

@@ -195,3 +195,21 @@ async def test_many_images_under_the_spool_threshold_are_not_all_kept_in_memory(
     assert len((await images_body(await call))["data"]) == 1
     assert [data for _, _, data in fake_openai.uploads[-1]] == images
     assert os.listdir(spool) == []
+
+
+async def test_the_text_fields_share_one_256_kib_allowance(client, fake_openai):
+    """Each text field could be 256 KiB and a form has up to 64 parts: 60 unknown fields of
+    250 KiB were all held (16 MiB) before the schema refused them. Together they may be
+    256 KiB (a 32,000-character prompt is at most 128,000 bytes of UTF-8), refused as the
+    second of two 200 KiB fields arrives."""
+    resp = await post_raw(client, edit_form(field("x1", b"t" * 200 * 1024), field("x2", b"t" * 200 * 1024)))
+    error = await assert_error(resp, 400, "invalid_value", "x2")
+    assert "256 KiB" in error["message"]
+    assert fake_openai.requests == []
+
+
+async def test_a_32000_character_prompt_of_4_byte_characters_passes(client, fake_openai):
+    prompt = "\U0001F600" * 32000
+    body = raw_form([field("model", b"gpt-image-1"), field("prompt", prompt.encode()), field("user", b"u" * 256), image_part(tiny_png())])
+    assert len((await images_body(await post_raw(client, body)))["data"]) == 1
+    assert fake_openai.requests[-1]["prompt"] == prompt

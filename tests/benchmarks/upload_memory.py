@@ -66,6 +66,10 @@ async def edit(session: aiohttp.ClientSession, url: str, images: list[bytes]) ->
     form = aiohttp.FormData()
     form.add_field("model", "gpt-image-1")
     form.add_field("prompt", "p")
+    texts = [image for image in images if not image.startswith(PNG)]
+    for index, text in enumerate(texts):  # text fields (the schema refuses them, once all are read)
+        form.add_field(f"field{index}", text.decode())
+    images = [image for image in images if image.startswith(PNG)] or [PNG]
     for index, image in enumerate(images):
         form.add_field("image[]" if len(images) > 1 else "image", image, filename=f"{index}.png", content_type="image/png")
     async with session.post(url, data=form, headers={"Authorization": f"Bearer {KEY}"}) as resp:
@@ -91,6 +95,8 @@ async def client(args: argparse.Namespace) -> None:
         (f"one {args.mib} MiB image", [[big]]),
         (f"{args.concurrent} x {args.mib} MiB at once", [[big]] * args.concurrent),
         ("one form of 16 images of 1 MiB", [[small] * 16]),
+        ("one form of 60 images of 1 MiB (refused: too many)", [[small] * 60]),
+        ("one form of 60 text fields of 250 KiB (refused: unknown)", [[b"t" * 250 * 1024] * 60]),
     ]
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
