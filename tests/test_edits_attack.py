@@ -213,3 +213,93 @@ async def test_a_32000_character_prompt_of_4_byte_characters_passes(client, fake
     body = raw_form([field("model", b"gpt-image-1"), field("prompt", prompt.encode()), field("user", b"u" * 256), image_part(tiny_png())])
     assert len((await images_body(await post_raw(client, body)))["data"]) == 1
     assert fake_openai.requests[-1]["prompt"] == prompt
+
+
+# --- idempotency: a replay only for the same images in the same roles --------------------------
+
+RED, BLUE = tiny_png(8, 8, b"\xff\x00\x00"), tiny_png(8, 8, b"\x00\x00\xff")
+NAMED = {
+    "image[]": b'Content-Disposition: form-data; name="image[]"; filename="a.png"',
+    "image": b'Content-Disposition: form-data; name="image"; filename="a.png"',
+    "mask": b'Content-Disposition: form-data; name="mask"; filename="m.png"',
+}
+
+
+def files_form(files: list[tuple[str, bytes]], operation: str = "edit") -> bytes:
+    fields = [field("model", b"dall-e-2" if operation == "variation" else b"gpt-image-1")]
+    fields += [field("prompt", b"p")] if operation == "edit" else []
+    return raw_form(fields + [image_part(data, NAMED[name]) for name, data in files])
+
+
+@pytest.mark.parametrize(("first", "again"), [
+    ([("image[]", RED), ("image[]", BLUE)], [("image[]", BLUE), ("image[]", RED)]),  # the same images in another order
+    ([("image", RED), ("mask", BLUE)], [("image", BLUE), ("mask", RED)]),  # image and mask swapped
+], ids=["order", "mask-swapped"])
+async def test_the_same_key_with_the_images_in_other_roles_is_a_409(client, fake_openai, first, again):
+    headers = {**AUTH, "Idempotency-Key": "k-1", "Content-Type": f"multipart/form-data; boundary={B}"}
+    await images_body(await client.post("/v1/images/edits", headers=headers, data=files_form(first)))
+    resp = await client.post("/v1/images/edits", headers=headers, data=files_form(again))
+    await assert_error(resp, 409, "idempotency_key_reused")
+    assert len(fake_openai.requests) == 1
+
+
+async def test_an_edit_and_a_variation_with_the_same_key_are_not_one_request(client, fake_openai):
+    headers = {**AUTH, "Idempotency-Key": "k-2", "Content-Type": f"multipart/form-data; boundary={B}"}
+    await images_body(await client.post("/v1/images/edits", headers=headers, data=files_form([("image", RED)])))
+    resp = await client.post("/v1/images/variations", headers=headers, data=files_form([("image", RED)], "variation"))
+    await assert_error(resp, 409, "idempotency_key_reused")
+    assert len(fake_openai.requests) == 1
+
+
+# --- temporary files: none left behind, however the request ends --------------------------------
+
+
+async def _spool_empties(spool, seconds: float = 5.0) -> list[str]:
+    for _ in range(int(seconds / 0.05)):
+        if not os.listdir(spool):
+            return []
+        await asyncio.sleep(0.05)
+    return os.listdir(spool)
+
+
+async def _raw_request(client, body: bytes, send: int):
+    url = client.make_url("/v1/images/edits")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    head = (f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary={B}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    writer.write(head + body[:send])
+    await writer.drain()
+    return writer
+
+
+async def test_a_client_that_leaves_mid_upload_leaves_nothing_on_disk(client, fake_openai, spool):
+    body = edit_form(image=tiny_png(64, 64)[:33] + os.urandom(3 * 1024 * 1024))
+    writer = await _raw_request(client, body, 2 * 1024 * 1024)
+    for _ in range(200):
+        if os.listdir(spool):
+            break
+        await asyncio.sleep(0.02)
+    assert os.listdir(spool), "the upload never reached the disk"
+    writer.close()
+    assert await _spool_empties(spool) == []
+    assert fake_openai.requests == []
+
+
+async def test_a_client_that_leaves_during_the_upstream_call_leaves_nothing_on_disk(client, fake_openai, spool):
+    fake_openai.cue(delay=3.0, body={"created": 1, "data": [{"b64_json": FAKE_B64}]})
+    body = edit_form(image=tiny_png(64, 64)[:33] + os.urandom(3 * 1024 * 1024))
+    writer = await _raw_request(client, body, len(body))
+    for _ in range(250):
+        if fake_openai.requests:
+            break
+        await asyncio.sleep(0.02)
+    assert fake_openai.requests and os.listdir(spool)
+    writer.close()  # the handler is cancelled with the upstream call in flight
+    assert await _spool_empties(spool, 2.5) == []
+
+
+async def test_a_refusal_by_the_models_capabilities_leaves_nothing_on_disk(client, fake_openai, spool):
+    big = tiny_png(64, 64)[:33] + os.urandom(5 * 1024 * 1024)  # dall-e-2 takes 4 MB
+    body = raw_form([field("model", b"dall-e-2"), field("prompt", b"p"), image_part(big), image_part(tiny_png(64, 64), NAMED["mask"])])
+    await assert_error(await post_raw(client, body), 400, "image_too_large", "image")
+    assert os.listdir(spool) == [] and fake_openai.requests == []
