@@ -1,6 +1,7 @@
 """Memory of `imgproxy serve` while it takes edit uploads and streams them on to an upstream:
 the growth of peak RSS (VmHWM, reset before each case) for one 40 MiB image, for 8 of them at
-once, and for one form of 16 images of 1 MiB each (each under the 1 MiB spool threshold).
+once, for one form of 16 images of 1 MiB each (each under the 1 MiB spool threshold), and for
+forms that are refused only once read: 60 images, 60 text fields, a gzip bomb.
 
     python -m tests.benchmarks.upload_memory [--mib 40] [--concurrent 8]
 
@@ -17,6 +18,7 @@ import os
 import signal
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import aiohttp
@@ -77,13 +79,33 @@ async def edit(session: aiohttp.ClientSession, url: str, images: list[bytes]) ->
         return resp.status
 
 
-async def measure(pid: int, url: str, label: str, forms: list[list[bytes]]) -> None:
+def gzip_bomb(inflated_mib: int) -> bytes:
+    """A form whose image is `inflated_mib` MiB of zeros, gzip-compressed (about 1,000:1)."""
+    head = (f"--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-image-1\r\n--B\r\n"
+            "Content-Disposition: form-data; name=\"prompt\"\r\n\r\np\r\n--B\r\n"
+            "Content-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n").encode() + PNG
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = [packer.compress(head)] + [packer.compress(bytes(2**20)) for _ in range(inflated_mib)]
+    return b"".join([*out, packer.compress(b"\r\n--B--\r\n"), packer.flush()])
+
+
+async def bomb(session: aiohttp.ClientSession, url: str, body: bytes) -> int:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data; boundary=B", "Content-Encoding": "gzip"}
+    async with session.post(url, data=body, headers=headers) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def measure(pid: int, url: str, label: str, forms: list[list[bytes]] | bytes) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # peak RSS := current RSS
     before = rss(pid, "VmRSS")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        statuses = await asyncio.gather(*(edit(session, url, images) for images in forms))
+        if isinstance(forms, bytes):
+            statuses = [await bomb(session, url, forms)]
+        else:
+            statuses = await asyncio.gather(*(edit(session, url, images) for images in forms))
     peak = rss(pid, "VmHWM")
-    sent = sum(map(len, forms[0])) * len(forms)
+    sent = len(forms) if isinstance(forms, bytes) else sum(map(len, forms[0])) * len(forms)
     print(f"{label}: statuses {sorted(set(statuses))}, {sent / 2**20:.0f} MiB uploaded, "
           f"RSS before {before / 2**20:.0f} MiB, peak growth {(peak - before) / 2**20:.1f} MiB")
 
@@ -97,6 +119,7 @@ async def client(args: argparse.Namespace) -> None:
         ("one form of 16 images of 1 MiB", [[small] * 16]),
         ("one form of 60 images of 1 MiB (refused: too many)", [[small] * 60]),
         ("one form of 60 text fields of 250 KiB (refused: unknown)", [[b"t" * 250 * 1024] * 60]),
+        ("a gzip body inflating to 1 GiB (refused at max_upload_bytes)", gzip_bomb(1024)),
     ]
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
