@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -19,6 +20,9 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import GatewayError, invalid_request
+from .limits import RETRY_AFTER
+
+log = logging.getLogger("imgproxy.uploads")
 
 FILE_FIELDS = ("image", "image[]", "mask")
 # The form's text fields together: the longest is a prompt of 32,000 characters (at most
@@ -170,17 +174,16 @@ async def _read_upload(part, kind_of_field: str, budget: "_Budget") -> Upload:
             upload.size += len(chunk)
             pending += chunk
             if file is None and len(pending) > budget.memory:
-                fd, upload._path = tempfile.mkstemp(prefix="imgproxy-upload-")  # mode 0600
-                file = os.fdopen(fd, "wb")
+                file = _spool_file(upload)
             if file is not None and len(pending) >= WRITE_BYTES:
-                await asyncio.to_thread(file.write, bytes(pending))
+                await _spool_write(file, pending)
                 pending.clear()
             chunk = await part.read_chunk(CHUNK)
         if file is None:
             upload._data = bytes(pending)
             budget.memory -= upload.size
         else:
-            await asyncio.to_thread(file.write, bytes(pending))
+            await _spool_write(file, pending, last=True)
     except BaseException:
         upload.discard()
         raise
@@ -189,6 +192,35 @@ async def _read_upload(part, kind_of_field: str, budget: "_Budget") -> Upload:
             file.close()
     upload.digest = digest.hexdigest()
     return upload
+
+
+def _spool_file(upload: Upload):
+    try:
+        fd, upload._path = tempfile.mkstemp(prefix="imgproxy-upload-")  # mode 0600
+        return os.fdopen(fd, "wb")
+    except OSError as exc:
+        raise _spool_failed(exc) from None
+
+
+async def _spool_write(file, data: bytearray, last: bool = False) -> None:
+    """`last`: also close the file here, where a failure still removes it: the last bytes are
+    buffered and written only when it closes (a full disk fails there)."""
+    try:
+        await asyncio.to_thread(file.write, bytes(data))
+        if last:
+            file.close()
+    except OSError as exc:
+        raise _spool_failed(exc) from None
+
+
+def _spool_failed(exc: OSError) -> GatewayError:
+    # $TMPDIR full (a small memory-backed emptyDir fills fast) or missing: the operator's to
+    # fix, the client's to retry; not a 500.
+    log.error("cannot write an upload to a temporary file in %s: %s", tempfile.gettempdir(), exc.strerror or type(exc).__name__)
+    return GatewayError(
+        503, "The gateway's temporary space for uploads is full or cannot be written; retry shortly.",
+        type="server_error", code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER)},
+    )
 
 
 def image_kind(head: bytes) -> str | None:

@@ -303,3 +303,35 @@ async def test_a_refusal_by_the_models_capabilities_leaves_nothing_on_disk(clien
     body = raw_form([field("model", b"dall-e-2"), field("prompt", b"p"), image_part(big), image_part(tiny_png(64, 64), NAMED["mask"])])
     await assert_error(await post_raw(client, body), 400, "image_too_large", "image")
     assert os.listdir(spool) == [] and fake_openai.requests == []
+
+
+# --- the spool full or missing: a 503 to retry, nothing left behind ----------------------------
+import resource
+import signal
+
+
+@pytest.fixture
+def file_size_limit():
+    """Writes beyond `limit` bytes of one file fail (EFBIG), as on a full $TMPDIR."""
+    old_handler, (soft, hard) = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(size: int) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.mark.parametrize("fails", ["tmpdir-missing", "first-write", "last-write"])
+async def test_a_spool_that_cannot_be_written_is_a_503_and_leaves_nothing(client, fake_openai, spool, file_size_limit, monkeypatch, fails):
+    size = 3 * 1024 * 1024 + 3000  # written as 1 MiB blocks and a last 3000 bytes
+    if fails == "tmpdir-missing":
+        monkeypatch.setattr(tempfile, "tempdir", str(spool / "gone"))
+    else:
+        file_size_limit(size - 1000 if fails == "last-write" else 512 * 1024)
+    resp = await post_raw(client, edit_form(image=tiny_png(64, 64)[:33] + os.urandom(size - 33)))
+    file_size_limit(resource.RLIM_INFINITY)
+    error = await assert_error(resp, 503, "server_overloaded")
+    assert "temporary" in error["message"] and resp.headers["Retry-After"]
+    assert os.listdir(spool) == [] and fake_openai.requests == []
