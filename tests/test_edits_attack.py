@@ -5,12 +5,14 @@ import asyncio
 import gzip
 import json
 import os
+import resource
+import signal
 import tempfile
 
 import pytest
 
 from tests.conftest import CLIENT_KEY, assert_error, images_body, usage_record
-from tests.fakes import FAKE_B64, tiny_png
+from tests.fakes import FAKE_B64, FakeUpstream, tiny_png
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 B = "BOUNDARY"
@@ -306,9 +308,6 @@ async def test_a_refusal_by_the_models_capabilities_leaves_nothing_on_disk(clien
 
 
 # --- the spool full or missing: a 503 to retry, nothing left behind ----------------------------
-import resource
-import signal
-
 
 @pytest.fixture
 def file_size_limit():
@@ -335,3 +334,35 @@ async def test_a_spool_that_cannot_be_written_is_a_503_and_leaves_nothing(client
     error = await assert_error(resp, 503, "server_overloaded")
     assert "temporary" in error["message"] and resp.headers["Retry-After"]
     assert os.listdir(spool) == [] and fake_openai.requests == []
+
+
+# --- a misbehaving upstream, and money: what held -----------------------------------------------
+
+
+async def test_an_edit_answered_with_more_images_than_n_delivers_and_bills_n(gateway, fake_openai, usage_log):
+    fake_openai.cue(body={"created": 1, "data": [{"b64_json": FAKE_B64}] * 3, "usage": USAGE})
+    resp = await post_raw(gateway, edit_form())
+    assert len((await images_body(resp))["data"]) == 1
+    record = await usage_record(usage_log, resp.headers["x-request-id"])
+    assert record["images"] == 1 and float(resp.headers["x-imgproxy-cost-usd"]) == record["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("status", [400, 401, 500])
+async def test_an_upstream_error_on_an_edit_that_echoes_the_key_never_reaches_the_client(gateway, fake_openai, status):
+    key = FakeUpstream.key
+    fake_openai.cue(status=status, body={"error": {"message": f"Incorrect API key provided: {key} (Bearer {key})", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+    resp = await post_raw(gateway, edit_form())
+    text = await resp.text()
+    assert resp.status in (400, 502) and key not in text and key[-10:] not in text, text
+
+
+@pytest.mark.parametrize("cue", [{"reset": True}, {"cut": True}, {"status": 502, "body": b"<html>bad gateway</html>", "content_type": "text/html"}], ids=["reset", "cut", "502-html"])
+async def test_an_ambiguous_failure_of_an_edit_is_neither_retried_nor_sent_to_a_fallback(make_client, config_text, fake_openai, usage_log, cue):
+    """The provider may have made (and billed) the edit: another call could bill it twice."""
+    text = config_text(f"cost: {{usage_log: {usage_log}}}").replace("total: 5}", "total: 5}\n    retries: {attempts: 3, backoff: 0.01}")
+    client = await make_client(text.replace("gpt-image-1: {provider: openai}", "gpt-image-1: {provider: openai, fallbacks: [placeholder]}"))
+    fake_openai.cue(**cue)
+    resp = await post_raw(client, edit_form())
+    assert resp.status == 502
+    record = await usage_record(usage_log, resp.headers["x-request-id"])
+    assert len(fake_openai.requests) == 1 and record["model"] == "gpt-image-1" and record["attempts"] == 1
