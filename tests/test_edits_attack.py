@@ -85,6 +85,25 @@ async def test_hostile_part_headers_get_a_400_envelope_or_an_answer(client, fake
         assert fake_openai.requests == []
 
 
+BROKEN_BODIES = {  # (the body, the error code)
+    "lf-only": (edit_form().replace(b"\r\n", b"\n"), "invalid_value"),  # no CRLF boundary: one part to the end, not text
+    "folded-header": (raw_form([field("model", b"gpt-image-1"), field("prompt", b"p"), (b'Content-Disposition: form-data;\r\n name="image"', tiny_png())]), "invalid_multipart"),
+    "cr-in-name": (raw_form([field("model", b"gpt-image-1"), (b'Content-Disposition: form-data; name="ima\rge"', tiny_png())]), "invalid_multipart"),
+    "nul-in-name": (raw_form([field("model", b"gpt-image-1"), (b'Content-Disposition: form-data; name="image\x00"', tiny_png())]), "invalid_multipart"),
+    "empty-image": (raw_form([field("model", b"gpt-image-1"), field("prompt", b"p"), image_part(b"")]), "invalid_image_format"),
+    "no-final-boundary": (edit_form()[: -len(b"--BOUNDARY--\r\n")], "invalid_multipart"),
+    "empty-body": (b"", "invalid_multipart"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_BODIES))
+async def test_crlf_games_and_empty_parts_are_a_400_envelope(client, fake_openai, name):
+    body, code = BROKEN_BODIES[name]
+    resp = await post_raw(client, body)
+    error = await assert_error(resp, 400, code, "image" if code == "invalid_image_format" else ("model" if code == "invalid_value" else None))
+    assert "\\x" not in error["message"] and fake_openai.requests == []
+
+
 @pytest.mark.parametrize("boundary", ["x" * 71, ""])
 async def test_a_boundary_aiohttp_refuses_is_a_400(client, fake_openai, boundary):
     resp = await post_raw(client, edit_form(boundary=boundary or "x"), boundary=boundary)
