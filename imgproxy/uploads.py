@@ -9,6 +9,7 @@ upload is never held whole, and a retry or a fallback sends the same bytes once 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -189,7 +190,8 @@ async def _read_upload(part, kind_of_field: str, budget: "_Budget") -> Upload:
         raise
     finally:
         if file is not None:
-            file.close()
+            with contextlib.suppress(OSError):  # after a failed write: the file is removed already
+                file.close()
     upload.digest = digest.hexdigest()
     return upload
 
