@@ -7,12 +7,18 @@ import json
 import os
 import resource
 import signal
+import socket
+import subprocess
 import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.conftest import CLIENT_KEY, assert_error, images_body, usage_record
 from tests.fakes import FAKE_B64, FakeUpstream, tiny_png
+from tests.processes import IMGPROXY, REPO, clean_env, free_port, wait_for_port
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 B = "BOUNDARY"
@@ -385,3 +391,66 @@ async def test_an_ambiguous_failure_of_an_edit_is_neither_retried_nor_sent_to_a_
     assert resp.status == 502
     record = await usage_record(usage_log, resp.headers["x-request-id"])
     assert len(fake_openai.requests) == 1 and record["model"] == "gpt-image-1" and record["attempts"] == 1
+
+
+# --- a real `imgproxy serve`: SIGTERM with an edit in flight ------------------------------------
+
+
+def test_an_edit_cut_by_the_drain_timeout_leaves_nothing_on_disk_and_is_billed(tmp_path):
+    """The upstream has the whole upload and is still working when SIGTERM's drain timeout
+    cancels the request: the temporary file is removed, and the edit is recorded as cut at the
+    worst case reserved for it (the provider bills it), input images included."""
+    received: list[int] = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(len(self.rfile.read(int(self.headers["Content-Length"]))))
+            time.sleep(20)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    spool, usage, port = tmp_path / "spool", tmp_path / "usage.jsonl", free_port()
+    spool.mkdir()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(f"""
+server: {{host: 127.0.0.1, port: {port}, drain_timeout: 0.5}}
+auth: {{keys: [{{name: team-a, key: {CLIENT_KEY}}}]}}
+providers:
+  openai: {{type: openai, base_url: "http://127.0.0.1:{upstream.server_address[1]}/v1", api_key: sk-upstream-drain-0000}}
+models:
+  gpt-image-1: {{provider: openai}}
+images: {{directory: {tmp_path / "images"}}}
+cost: {{usage_log: {usage}}}
+""")
+    proc = subprocess.Popen([IMGPROXY, "serve", "--config", str(config)], cwd=REPO, env=clean_env(TMPDIR=str(spool)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    body = edit_form(image=tiny_png(64, 64)[:33] + os.urandom(3 * 1024 * 1024))
+    try:
+        wait_for_port(port, proc)
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall((f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+                        f"Content-Type: multipart/form-data; boundary={B}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+        deadline = time.monotonic() + 15
+        while not received:
+            assert time.monotonic() < deadline, "the edit never reached the upstream"
+            time.sleep(0.05)
+        assert received[0] > 3 * 1024 * 1024 and len(os.listdir(spool)) == 1
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        client.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+        upstream.shutdown()
+    assert os.listdir(spool) == []
+    [record] = [json.loads(line) for line in usage.read_text().splitlines()]
+    # gpt-image-1's worst case: one image at its highest price ($0.25), the prompt's tokens (one
+    # character: half a token at $5 per million) and one input image of INPUT_IMAGE_TOKENS_MAX
+    # (8192) tokens at $10 per million.
+    assert record["cut"] is True and record["operation"] == "edit" and record["status"] == 499, record
+    assert record["cost_usd"] == pytest.approx(0.25 + 0.5 * 5.0 / 1e6 + 8192 * 10.0 / 1e6, abs=1e-6), record
