@@ -23,9 +23,8 @@ from .validation import check_capabilities, check_schema, read_json_body
 log = logging.getLogger("imgproxy.pipeline")
 
 
-# The provider method for each operation, and the server-sent event that ends a streamed answer.
+# The provider method for each operation.
 PROVIDER_METHODS = {"generate": "generate", "edit": "edit", "variation": "vary"}
-COMPLETED_EVENTS = {"generate": b'"image_generation.completed"', "edit": b'"image_edit.completed"'}
 
 
 async def serve_images(ctx: RequestContext, operation: str = "generate") -> web.StreamResponse:
@@ -238,7 +237,7 @@ async def call_once(ctx: RequestContext, target: Target, timeout: float) -> web.
             return images_response(ctx, reply)
         async with reply:  # the one place an upstream response handed over is released
             if reply.content_type == "text/event-stream":
-                tap = StreamTap(sse=True, completed=COMPLETED_EVENTS[ctx.request.operation])
+                tap = StreamTap(sse=True)
             else:  # relayed only as far as it is a valid answer to this request
                 tap = AnswerCheck(ctx.request.n, ctx.request.response_format)
             response = await forward_stream(ctx, reply, tap)

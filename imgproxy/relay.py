@@ -28,27 +28,36 @@ class StreamTap:
 
     USAGE = b'"usage"'
     TAIL = 4096
+    # The events that carry a finished image, of either operation: an upstream that answers an
+    # edit with image_generation.* events (or the reverse) still has its images counted, cut
+    # at n and billed.
+    COMPLETED = (b'"image_generation.completed"', b'"image_edit.completed"')
 
-    def __init__(self, sse: bool, completed: bytes = b'"image_generation.completed"') -> None:
-        """`completed`: the quoted type of the event that carries a finished image in a stream."""
+    def __init__(self, sse: bool) -> None:
         self.sse = sse
-        self.marker = completed if sse else b'"b64_json"'
+        self.markers = self.COMPLETED if sse else (b'"b64_json"',)
         self.images = 0
         self.usage: dict | None = None
-        self._edge = b""  # the last len(marker) - 1 bytes: a marker may straddle two chunks
+        self._keep = max(map(len, self.markers)) - 1
+        self._edge = b""  # the last _keep bytes: a marker may straddle two chunks
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
-        keep = len(self.marker) - 1
-        self.images += (self._edge + chunk[:keep]).count(self.marker)
+        # Markers that straddle: they start in the edge and end in this chunk.
+        edge, head = len(self._edge), self._edge + chunk[: self._keep]
+        for marker in self.markers:
+            at = head.find(marker)
+            while 0 <= at < edge:
+                self.images += at + len(marker) > edge
+                at = head.find(marker, at + 1)
         # Hop from quote to quote (find of one byte is a memchr): base64 runs hold no quotes,
         # so this is ten times faster than counting the marker across the whole chunk.
-        marker, at = self.marker, chunk.find(b'"')
+        markers, at = self.markers, chunk.find(b'"')
         while at != -1:
-            if chunk.startswith(marker, at):
+            if chunk.startswith(markers, at):
                 self.images += 1
             at = chunk.find(b'"', at + 1)
-        self._edge = (self._edge + chunk[-keep:])[-keep:]
+        self._edge = (self._edge + chunk[-self._keep :])[-self._keep :]
         # Usage sits at the end of a JSON body and in the final event.
         self._tail = (self._tail + chunk[-self.TAIL :])[-self.TAIL :]
 
@@ -87,7 +96,7 @@ async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamT
                 # end the stream there (they are neither delivered nor paid for).
                 log.warning("upstream streamed more than %d images (request %s): the rest dropped", ctx.request.n, ctx.request_id)
                 tap.images = ctx.request.n
-                await _send(ctx, out, _events_before(chunk, tap.marker, ctx.request.n - before))
+                await _send(ctx, out, _events_before(chunk, tap.markers, ctx.request.n - before))
                 break
             await _send(ctx, out, chunk)
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError):
@@ -169,13 +178,14 @@ def _bad_answer(ctx: RequestContext, exc: Exception) -> GatewayError:
     return upstream_error(f"The provider '{ctx.target.provider.name}' returned an answer that is not a valid images response.")
 
 
-def _events_before(chunk: bytes, marker: bytes, allowed: int) -> bytes:
+def _events_before(chunk: bytes, markers: tuple[bytes, ...], allowed: int) -> bytes:
     """The events of `chunk` before the one that carries its (allowed + 1)-th marker."""
     at = -1
     for _ in range(allowed + 1):
-        at = chunk.find(marker, at + 1)
-        if at < 0:  # the marker straddled two reads: nothing of this one is sent
+        found = [i for i in (chunk.find(marker, at + 1) for marker in markers) if i >= 0]
+        if not found:  # the marker straddled two reads: nothing of this one is sent
             return b""
+        at = min(found)
     end = chunk.rfind(b"\n\n", 0, at)
     return chunk[: end + 2] if end >= 0 else b""
 

@@ -9,22 +9,28 @@ upload is never held whole, and a retry or a fallback sends the same bytes once 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import GatewayError, invalid_request
+from .limits import RETRY_AFTER
+
+log = logging.getLogger("imgproxy.uploads")
 
 FILE_FIELDS = ("image", "image[]", "mask")
-# The form's text fields are short: the longest is a prompt of 32,000 characters.
+# The form's text fields together: the longest is a prompt of 32,000 characters (at most
+# 128,000 bytes of UTF-8), the others are short.
 MAX_TEXT_BYTES = 256 * 1024
 MAX_PARTS = 64  # 16 images, a mask and every parameter fit many times over
-IN_MEMORY_BYTES = 1024 * 1024  # a larger upload goes to a temporary file
+IN_MEMORY_BYTES = 1024 * 1024  # a form's uploads together; beyond that they go to temporary files
 WRITE_BYTES = 1024 * 1024  # written to that file a mebibyte at a time, off the event loop
 CHUNK = 64 * 1024
 TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -91,7 +97,8 @@ async def read_form(http: web.Request, max_bytes: int) -> Form:
         raise _too_large(max_bytes)
     form, budget = Form(), _Budget(max_bytes)
     try:
-        reader = await http.multipart()
+        # Over a stream that counts every byte of the body, not only the parts' contents.
+        reader = MultipartReader(http.headers, _CountedBody(http.content, max_bytes))
         for _ in range(MAX_PARTS + 1):
             part = await reader.next()
             if part is None:
@@ -135,8 +142,12 @@ async def _read_part(part, form: Form, budget: "_Budget") -> None:
     while chunk := await part.read_chunk(CHUNK):
         budget.take(len(chunk))
         raw += chunk
-        if len(raw) > MAX_TEXT_BYTES:
-            raise invalid_request(f"The form field '{_shown(name)}' is longer than {MAX_TEXT_BYTES} bytes.", param=_shown(name), code="invalid_value")
+        budget.text -= len(chunk)
+        if budget.text < 0:
+            raise invalid_request(
+                f"The form's text fields are longer than {MAX_TEXT_BYTES // 1024} KiB together (at the field '{_shown(name)}').",
+                param=_shown(name), code="invalid_value",
+            )
     try:
         form.fields[name] = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -163,25 +174,55 @@ async def _read_upload(part, kind_of_field: str, budget: "_Budget") -> Upload:
             digest.update(chunk)
             upload.size += len(chunk)
             pending += chunk
-            if file is None and len(pending) > IN_MEMORY_BYTES:
-                fd, upload._path = tempfile.mkstemp(prefix="imgproxy-upload-")  # mode 0600
-                file = os.fdopen(fd, "wb")
+            if file is None and len(pending) > budget.memory:
+                file = _spool_file(upload)
             if file is not None and len(pending) >= WRITE_BYTES:
-                await asyncio.to_thread(file.write, bytes(pending))
+                await _spool_write(file, pending)
                 pending.clear()
             chunk = await part.read_chunk(CHUNK)
         if file is None:
             upload._data = bytes(pending)
+            budget.memory -= upload.size
         else:
-            await asyncio.to_thread(file.write, bytes(pending))
+            await _spool_write(file, pending, last=True)
     except BaseException:
         upload.discard()
         raise
     finally:
         if file is not None:
-            file.close()
+            with contextlib.suppress(OSError):  # after a failed write: the file is removed already
+                file.close()
     upload.digest = digest.hexdigest()
     return upload
+
+
+def _spool_file(upload: Upload):
+    try:
+        fd, upload._path = tempfile.mkstemp(prefix="imgproxy-upload-")  # mode 0600
+        return os.fdopen(fd, "wb")
+    except OSError as exc:
+        raise _spool_failed(exc) from None
+
+
+async def _spool_write(file, data: bytearray, last: bool = False) -> None:
+    """`last`: also close the file here, where a failure still removes it: the last bytes are
+    buffered and written only when it closes (a full disk fails there)."""
+    try:
+        await asyncio.to_thread(file.write, bytes(data))
+        if last:
+            file.close()
+    except OSError as exc:
+        raise _spool_failed(exc) from None
+
+
+def _spool_failed(exc: OSError) -> GatewayError:
+    # $TMPDIR full (a small memory-backed emptyDir fills fast) or missing: the operator's to
+    # fix, the client's to retry; not a 500.
+    log.error("cannot write an upload to a temporary file in %s: %s", tempfile.gettempdir(), exc.strerror or type(exc).__name__)
+    return GatewayError(
+        503, "The gateway's temporary space for uploads is full or cannot be written; retry shortly.",
+        type="server_error", code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER)},
+    )
 
 
 def image_kind(head: bytes) -> str | None:
@@ -221,11 +262,39 @@ class _Budget:
     def __init__(self, limit: int) -> None:
         self.left = limit
         self.limit = limit
+        # What the form's uploads may still keep in memory, together: each small image in
+        # memory would hold a form of 60 images of 1 MiB whole.
+        self.memory = IN_MEMORY_BYTES
+        self.text = MAX_TEXT_BYTES  # and its text fields, together
 
     def take(self, count: int) -> None:
         self.left -= count
         if self.left < 0:
             raise _too_large(self.limit)
+
+
+class _CountedBody:
+    """The request body as the multipart reader reads it, refused once more than `limit` bytes
+    arrived: a preamble, boundaries and part headers are read inside aiohttp's reader, where
+    _Budget never sees them, and would otherwise let a chunked body run on without end."""
+
+    def __init__(self, stream, limit: int) -> None:
+        self._stream, self._limit = stream, limit
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    async def read(self, n: int = -1) -> bytes:
+        return self._counted(await self._stream.read(n))
+
+    async def readline(self, **kwargs) -> bytes:
+        return self._counted(await self._stream.readline(**kwargs))
+
+    def _counted(self, data: bytes) -> bytes:
+        # total_bytes: all the body received so far (decoded, for a compressed one).
+        if self._stream.total_bytes > self._limit:
+            raise _too_large(self._limit)
+        return data
 
 
 def _too_large(max_bytes: int) -> GatewayError:

@@ -21,9 +21,12 @@ EVENTS = b"".join(
     ]
 )
 
+# An edit's events, and one of a generation's among them (an upstream off the spec): both count.
+MIXED = EVENTS.replace(b"image_generation", b"image_edit", 4)
+
 
 @pytest.mark.parametrize("seed", range(25))
-@pytest.mark.parametrize("body, sse, images, total_tokens", [(BODY, False, 3, 100), (EVENTS, True, 2, 9)])
+@pytest.mark.parametrize("body, sse, images, total_tokens", [(BODY, False, 3, 100), (EVENTS, True, 2, 9), (MIXED, True, 2, 9)])
 def test_any_chunking(seed, body, sse, images, total_tokens):
     rng = random.Random(seed)
     tap = StreamTap(sse=sse)
