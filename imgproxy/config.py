@@ -36,6 +36,8 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = 1024 * 1024
     max_upload_bytes: int = 64 * 1024 * 1024
+    max_uploads: int = 32  # edit/variation forms held at once (imgproxy.limits.UploadSlots)
+    body_timeout: float = 60.0  # seconds for a request body to arrive once its headers have
     drain_timeout: float = 25.0
     reload_interval: float = 10.0
     backlog: int = 128

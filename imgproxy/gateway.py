@@ -14,7 +14,7 @@ import yaml
 from .config import Config, ConfigError, StateConfig, parse_config, read_config_file, without_values
 from .catalog import merged
 from .idempotency import Idempotency
-from .limits import UpstreamBuffer
+from .limits import UploadSlots, UpstreamBuffer
 from .metrics import MULTIPROCESS, Metrics
 from .pluginmanager import Hooks, build_plugin_manager
 from .providers.base import Provider
@@ -40,6 +40,7 @@ class Shared:
         self.state_config = config.state if config else StateConfig()
         self.state: State = make_state(self.state_config, self.metrics)
         self.upstream_buffer = UpstreamBuffer(self.metrics)
+        self.uploads = UploadSlots()
         # Without a configured key, URLs are valid for this process only (said in the docs).
         self.signing_key = secrets.token_bytes(32)
 

@@ -22,14 +22,32 @@ RETRY_AFTER = 5
 _lease: contextvars.ContextVar["Lease | None"] = contextvars.ContextVar("imgproxy_upstream_lease", default=None)
 
 
-def overloaded() -> GatewayError:
+def overloaded(what: str = "upstream answers as its memory budget allows") -> GatewayError:
     return GatewayError(
         503,
-        "The gateway is holding as many upstream answers as its memory budget allows; retry shortly.",
+        f"The gateway is holding as many {what}; retry shortly.",
         type="server_error",
         code="server_overloaded",
         headers={"Retry-After": str(RETRY_AFTER)},
     )
+
+
+class UploadSlots:
+    """Edit and variation forms this process holds at once (`server.max_uploads`): each keeps
+    up to 1 MiB in memory while it is read, and up to `max_upload_bytes` on disk until its
+    request ends. Lives as long as the process (in `Shared`)."""
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def take(self, limit: int) -> None:
+        """A slot for the current request, or 503 with Retry-After; `release` gives it back."""
+        if self.used >= limit:
+            raise overloaded("uploaded forms as `server.max_uploads` allows")
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
 
 
 class UpstreamBuffer:

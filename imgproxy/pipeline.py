@@ -17,7 +17,7 @@ from .relay import StreamTap, forward_stream
 from .resilience import counts_as_failure, translate
 from .routing import Target
 from .upstream import UpstreamCall
-from .uploads import read_form, typed_fields
+from .uploads import Form, read_form, typed_fields
 from .validation import check_capabilities, check_schema, read_json_body
 
 log = logging.getLogger("imgproxy.pipeline")
@@ -34,12 +34,7 @@ async def serve_images(ctx: RequestContext, operation: str = "generate") -> web.
     ctx.identity = await authenticate(ctx)
     response = form = None
     try:
-        server = ctx.gateway.config.server
-        if operation == "generate":
-            ctx.body = await read_json_body(ctx.http, server.max_body_bytes)
-        else:  # the images are kept aside (imgproxy.uploads); the text fields are the body
-            form = await read_form(ctx.http, server.max_upload_bytes)
-            ctx.body = typed_fields(form.fields, integers=("n", "output_compression", "partial_images"), booleans=("stream",))
+        form = await read_request(ctx, operation)
         check_schema(ctx.body, operation)
         ctx.route = ctx.target = ctx.gateway.routing.resolve(requested_model(ctx))
         ctx.request = check_capabilities(ctx.body, ctx.route, operation, form)
@@ -72,10 +67,32 @@ async def serve_images(ctx: RequestContext, operation: str = "generate") -> web.
         ctx.outcome.status, ctx.outcome.error_code = 500, "internal_error"
         raise
     finally:
+        if form is not None:  # first: nothing below needs the uploads, and it never waits
+            form.discard()
         await ctx.gateway.idempotency.finish(ctx, response)
         await record_usage(ctx)
-        if form is not None:
-            form.discard()
+
+
+async def read_request(ctx: RequestContext, operation: str) -> Form | None:
+    """The body into ctx.body: JSON for a generation; for an edit or a variation, a form whose
+    images are kept aside (imgproxy.uploads) and whose text fields are the body. A body that
+    drips in for longer than `server.body_timeout` would hold its connection (and a spool
+    file): 408."""
+    server = ctx.gateway.config.server
+    try:
+        async with asyncio.timeout(server.body_timeout):
+            if operation == "generate":
+                ctx.body = await read_json_body(ctx.http, server.max_body_bytes)
+                return None
+            slots = ctx.gateway.shared.uploads
+            slots.take(server.max_uploads)
+            form = await read_form(ctx.http, server.max_upload_bytes, release=slots.release)
+    except TimeoutError:
+        raise GatewayError(
+            408, f"The request body did not arrive within {server.body_timeout:g} seconds.", code="request_timeout"
+        ) from None
+    ctx.body = typed_fields(form.fields, integers=("n", "output_compression", "partial_images"), booleans=("stream",))
+    return form
 
 
 async def authenticate(ctx: RequestContext) -> Identity:

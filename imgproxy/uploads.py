@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, MultipartReader, web
@@ -36,6 +37,7 @@ CHUNK = 64 * 1024
 TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _TRANSFER_ENCODINGS = {"", "binary", "8bit", "7bit"}
 _INTEGER = re.compile(r"[0-9]{1,9}")
+_FIELD_NAME = re.compile(r"[\x21-\x7e]{1,64}")
 
 
 @dataclass
@@ -78,25 +80,31 @@ class Form:
     fields: dict[str, str] = field(default_factory=dict)
     images: list[Upload] = field(default_factory=list)
     mask: Upload | None = None
+    # Called once when the form is discarded (the slot it took: imgproxy.limits.UploadSlots).
+    release: Callable[[], None] | None = None
 
     def discard(self) -> None:
         for upload in (*self.images, self.mask):
             if upload is not None:
                 upload.discard()
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
-async def read_form(http: web.Request, max_bytes: int) -> Form:
-    """The request's form, or a clear 400/413/415. On any error nothing is left on disk."""
-    if http.content_type != "multipart/form-data":
-        raise GatewayError(
-            415,
-            f"Expected a multipart/form-data body (the image as a file upload), got '{http.content_type or 'none'}'.",
-            code="unsupported_media_type",
-        )
-    if http.content_length is not None and http.content_length > max_bytes:
-        raise _too_large(max_bytes)
-    form, budget = Form(), _Budget(max_bytes)
+async def read_form(http: web.Request, max_bytes: int, release: Callable[[], None] | None = None) -> Form:
+    """The request's form, or a clear 400/413/415. On any error nothing is left on disk (and
+    `release` has been called); otherwise the form's `discard` calls it."""
+    form, budget = Form(release=release), _Budget(max_bytes)
     try:
+        if http.content_type != "multipart/form-data":
+            raise GatewayError(
+                415,
+                f"Expected a multipart/form-data body (the image as a file upload), got '{http.content_type or 'none'}'.",
+                code="unsupported_media_type",
+            )
+        if http.content_length is not None and http.content_length > max_bytes:
+            raise _too_large(max_bytes)
         # Over a stream that counts every byte of the body, not only the parts' contents.
         reader = MultipartReader(http.headers, _CountedBody(http.content, max_bytes))
         for _ in range(MAX_PARTS + 1):
@@ -124,6 +132,8 @@ async def _read_part(part, form: Form, budget: "_Budget") -> None:
     if not isinstance(part, BodyPartReader) or not part.name:
         raise invalid_request("Every part of the form must be a named field (no nested multipart).", code="invalid_multipart")
     name = part.name
+    if not _FIELD_NAME.fullmatch(name):  # it may be quoted back (unknown_parameter): printable ASCII only
+        raise invalid_request(f"The form field '{_shown(name)}' has a name that is not 1 to 64 printable ASCII characters.", code="invalid_multipart")
     if part.headers.get("Content-Transfer-Encoding", "").lower() not in _TRANSFER_ENCODINGS or "Content-Encoding" in part.headers:
         raise invalid_request(f"The form field '{_shown(name)}' is encoded; send it as plain bytes.", code="invalid_multipart")
     if name in FILE_FIELDS:

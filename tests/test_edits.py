@@ -261,3 +261,58 @@ async def test_an_idempotent_retry_replays_only_for_the_same_image_bytes(gateway
     other = await gateway.post("/v1/images/edits", headers=headers, data=form(fields, [("image", tiny_png(4, 4, b"\x02\x02\x02"))]))
     await assert_error(other, 409, "idempotency_key_reused")
     assert len(fake_openai.requests) == 1
+
+
+# --- what one process holds -----------------------------------------------------------------
+
+
+async def test_forms_held_at_once_are_bounded_and_their_slots_come_back(make_client, fake_openai):
+    client = await make_client(extra="server: {max_uploads: 1}")
+    fields = {"model": "gpt-image-1", "prompt": "p"}
+    fake_openai.cue(delay=0.5, body={"created": 1, "data": [{"b64_json": FAKE_B64}]})
+    first = asyncio.ensure_future(client.post("/v1/images/edits", headers=AUTH, data=form(fields, [("image", tiny_png())])))
+    while not fake_openai.requests:
+        await asyncio.sleep(0.02)
+    busy = await client.post("/v1/images/edits", headers=AUTH, data=form(fields, [("image", tiny_png())]))
+    await assert_error(busy, 503, "server_overloaded")
+    assert busy.headers["Retry-After"]
+    await images_body(await first)
+    refused = await client.post("/v1/images/edits", headers=AUTH, data=form(fields, [("image", b"not an image")]))
+    await assert_error(refused, 400, "invalid_image_format", "image")
+    await images_body(await client.post("/v1/images/edits", headers=AUTH, data=form(fields, [("image", tiny_png())])))
+
+
+@pytest.mark.parametrize("path", ["/v1/images/edits", "/v1/images/generations"])
+async def test_a_body_that_drips_in_gets_408_and_leaves_nothing_on_disk(make_client, tmp_path, monkeypatch, path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    client = await make_client(extra="server: {body_timeout: 0.5}")
+    if path.endswith("edits"):
+        head = (
+            b'--B\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+            + big_png(2 * 1024 * 1024)
+        )
+        content_type = "multipart/form-data; boundary=B"
+    else:
+        head, content_type = b'{"model": "dall-e-3", "prompt": "a', "application/json"
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(head) + 1000}\r\n\r\n".encode() + head
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)  # and then nothing more is sent
+    assert head.startswith(b"HTTP/1.1 408"), head
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1])
+    assert b'"request_timeout"' in await reader.readexactly(length)
+    writer.close()
+    assert os.listdir(spool) == []
+
+
+async def test_a_field_name_that_is_not_printable_ascii_is_refused_without_echoing_it(client, fake_openai):
+    raw = b'--B\r\nContent-Disposition: form-data; name="pr\xc3\xb6mpt"\r\n\r\nx\r\n--B--\r\n'
+    resp = await client.post("/v1/images/edits", headers={**AUTH, "Content-Type": "multipart/form-data; boundary=B"}, data=raw)
+    error = await assert_error(resp, 400, "invalid_multipart")
+    assert "\u00f6" not in error["message"]
+    assert fake_openai.requests == []
