@@ -133,6 +133,9 @@ class UploadLimits:
     image_types: tuple[str, ...] = ("png",)
     mask: bool = False
     square: bool = False
+    # All input images together (None: max_images x max_image_bytes), for a provider that
+    # takes them in one body built in memory (BFL's base64 JSON).
+    max_total_bytes: int | None = None
 
     @classmethod
     def from_dict(cls, spec: dict | None) -> "UploadLimits | None":

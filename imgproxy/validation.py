@@ -173,6 +173,12 @@ def check_uploads(form: Form, model: str, operation: str, caps: Capabilities) ->
             raise invalid_request(
                 f"Invalid 'image': {model} takes square images, got {upload.width}x{upload.height}.", param="image", code="invalid_image_dimensions"
             )
+    total = sum(upload.size for upload in form.images)
+    if limits.max_total_bytes is not None and total > limits.max_total_bytes:
+        raise invalid_request(
+            f"Invalid 'image': {model} takes input images of at most {limits.max_total_bytes} bytes together, got {total}.",
+            param="image", code="image_too_large",
+        )
     mask, first = form.mask, form.images[0]
     if mask is None:
         return

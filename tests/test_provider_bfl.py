@@ -486,14 +486,31 @@ async def test_what_kontext_cannot_take_is_refused_before_any_call(bfl_client, f
     assert fake_bfl.requests == []
 
 
-async def test_images_too_large_together_are_refused_before_any_call(bfl_client, fake_bfl, tmp_path):
-    # Each under Kontext's 10 MiB, together above the 20 MiB one JSON body may carry.
-    client = await bfl_client()
+async def test_images_too_large_together_are_refused_before_any_call_or_limit(make_client, bfl_config, fake_bfl, tmp_path):
+    # Each under Kontext's 10 MiB, together above the 20 MiB one JSON body may carry: refused
+    # with the capabilities, so before the key's rate limit (one request a minute) is charged.
+    text = bfl_config().replace(f"{{name: team-a, key: {CLIENT_KEY}}}", f"{{name: team-a, key: {CLIENT_KEY}, rate_limit: {{requests_per_minute: 1}}}}")
+    client = await make_client(text)
     files = [("image[]", big_png(7 * 1024 * 1024))] * 3
     error = await assert_error(await edit(client, {}, files), 400, "image_too_large", "image")
     assert "together" in error["message"]
     assert fake_bfl.requests == []
-    assert records(tmp_path)[0]["cost_usd"] == 0
+    await images_body(await edit(client, {}, files[:2]))  # 14 MiB: taken, and the minute's one request
+    assert [len(images) for images in fake_bfl.inputs] == [2]
+    await assert_error(await edit(client), 429, "rate_limit_exceeded")
+
+
+async def test_the_adapter_bounds_the_json_body_whatever_the_capabilities_say(make_client, bfl_config, fake_bfl):
+    # An operator's override lets 30 MiB through the core; the body built in memory stays bounded.
+    text = bfl_config().replace(
+        "  flux-kontext-pro: {provider: bfl}",
+        "  flux-kontext-pro: {provider: bfl, capabilities: {edits: {max_images: 4, max_image_bytes: 10485760, image_types: [png]}}}",
+    )
+    client = await make_client(text)
+    files = [("image[]", big_png(7 * 1024 * 1024))] * 3
+    error = await assert_error(await edit(client, {}, files), 400, "image_too_large", "image")
+    assert "JSON body" in error["message"]
+    assert fake_bfl.requests == []
 
 
 @pytest.mark.parametrize(
@@ -544,3 +561,14 @@ async def test_a_body_bfl_finds_too_large_is_400_and_billed_nothing(bfl_client, 
     assert len(fake_bfl.requests) == 1
     [record] = records(tmp_path)
     assert record["cost_usd"] == 0 and record.get("undelivered_billed", 0) == 0
+
+
+async def test_a_retried_edit_sends_the_same_bytes_again(bfl_client, fake_bfl, tmp_path):
+    # The first submission is refused (503: never ran); the retry reads the spooled image again.
+    client = await bfl_client(provider="retries: {attempts: 2, backoff: 0.01}")
+    image = big_png(2 * 1024 * 1024)
+    fake_bfl.cue(status=503, body={"detail": "overloaded"})
+    await images_body(await edit(client, {"response_format": "b64_json"}, [("image", image)]))
+    assert fake_bfl.inputs == [[image], [image]]
+    [record] = records(tmp_path)
+    assert record["images"] == 1 and record["cost_usd"] == pytest.approx(0.04)

@@ -87,7 +87,9 @@ class BflProvider(Provider):
     async def edit(self, request: ImageRequest, target: Target, plan: Plan, call: UpstreamCall) -> ImagesResult:
         images = request.form.images
         total = sum(image.size for image in images)
-        if total > MAX_INPUT_BYTES:  # the core checked each image; BFL gets them all in one body
+        # The core checked the images against edits.max_total_bytes; this bounds the body built
+        # in memory whatever the capabilities say (an operator's override).
+        if total > MAX_INPUT_BYTES:
             raise invalid_request(
                 f"Invalid 'image': {request.model} takes input images of at most {MAX_INPUT_BYTES} bytes together "
                 f"(they are sent as base64 in one JSON body), got {total}.", param="image", code="image_too_large",
