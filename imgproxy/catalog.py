@@ -133,8 +133,8 @@ class UploadLimits:
     image_types: tuple[str, ...] = ("png",)
     mask: bool = False
     square: bool = False
-    # The input images' bytes together (None: max_images x max_image_bytes): for a provider
-    # that takes them base64 inside one request body of bounded size (Gemini).
+    # All input images together (None: max_images x max_image_bytes), for a provider that takes
+    # them in one request body built in memory (Gemini's inline parts, BFL's base64 JSON).
     max_total_bytes: int | None = None
 
     @classmethod

@@ -5,10 +5,14 @@ submission is validated against its endpoint's input schema, and no field outsid
 sent; every answer the fake gives is validated against AsyncResponse / ResultResponse. It
 records what it received and can misbehave on cue: `cues` for submissions, `poll_cues` for
 polls, `pending` polls before Ready, `never_ready`, `polling_base` / `sample_base` (other hosts).
+The input images of a Kontext edit are decoded (strict base64, a PNG or JPEG) and kept in
+`inputs`, one list per submission.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 
 import yaml
@@ -38,6 +42,18 @@ ASSEMBLED = {
     }, "required": ["prompt"]},
 }
 ASSEMBLED["flux-2-flex"] = ASSEMBLED["flux-2-max"] = ASSEMBLED["flux-2-pro"]
+# FLUX.1 Kontext [pro] / [max], ASSEMBLED from BFL's API reference (docs.bfl.ai, "Edit or create
+# an image with FLUX.1 Kontext", as of 2026-11-25): every body field the page shows.
+_nullable_string = {"type": ["string", "null"]}
+INPUT_IMAGES = ("input_image", "input_image_2", "input_image_3", "input_image_4")  # _2.._4: "Experimental Multiref"
+ASSEMBLED["flux-kontext-pro"] = ASSEMBLED["flux-kontext-max"] = {"type": "object", "properties": {
+    "prompt": {"type": "string"}, **{name: _nullable_string for name in INPUT_IMAGES}, "seed": {"type": ["integer", "null"]},
+    "aspect_ratio": {"type": ["string", "null"], "pattern": "^[0-9]+:[0-9]+$"},  # "between 21:9 and 9:21"
+    "output_format": {"enum": ["jpeg", "png", None]}, "webhook_url": {"type": ["string", "null"], "minLength": 1, "maxLength": 2083},
+    "webhook_secret": _nullable_string, "prompt_upsampling": {"type": "boolean"},
+    "safety_tolerance": {**_int, "minimum": 0, "maximum": 6},
+}, "required": ["prompt"]}
+DEFAULT_FORMATS = {"flux-kontext-pro": "png", "flux-kontext-max": "png"}  # the others: jpeg
 
 
 def bfl_validator(name: str) -> Draft202012Validator:
@@ -64,10 +80,11 @@ class FakeBFL(FakeUpstream):
         self.polling_base = ""  # where polling URLs point (default: this fake)
         self.sample_base = ""  # where result URLs point (default: this fake)
         self.jobs: dict[str, dict] = {}
+        self.inputs: list[list[bytes]] = []  # the decoded input images of each submission
         self._ids = itertools.count(1)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # a Kontext edit's JSON carries its images
         app.router.add_get("/v1/get_result", self.get_result)
         app.router.add_post("/v1/{model}", self.submit)
         app.router.add_get("/results/{name}", self.result_file)
@@ -90,13 +107,32 @@ class FakeBFL(FakeUpstream):
         body = await self.record(request, INPUTS[model])
         self.models.append(model)
         self.invalid.extend(f"{model}: field {name!r} is not an input" for name in set(body) - PROPERTIES[model])
+        self.inputs.append(self.decode_inputs(model, body))
         cued = await self.answer_cue(request)
         if cued is not None:
             return cued
         job = f"job-{next(self._ids)}"
-        self.jobs[job] = {"prompt": body["prompt"], "polls": 0, "format": body.get("output_format") or "jpeg"}
+        self.jobs[job] = {"prompt": body["prompt"], "polls": 0, "format": body.get("output_format") or DEFAULT_FORMATS.get(model, "jpeg")}
         base = self.polling_base or self.base_url
         return self.answer({"id": job, "polling_url": f"{base}/v1/get_result?id={job}"}, ASYNC_RESPONSE)
+
+    def decode_inputs(self, model: str, body: dict) -> list[bytes]:
+        """The input images, in order; a gap (input_image_3 without _2), bad base64 or bytes
+        that are not an image are spec violations."""
+        given = [name for name in INPUT_IMAGES if body.get(name) is not None]
+        if given != list(INPUT_IMAGES[: len(given)]):
+            self.invalid.append(f"{model}: input images {given} are not in order")
+        images = []
+        for name in given:
+            try:
+                data = base64.b64decode(body[name], validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                self.invalid.append(f"{model}: {name} is not base64")
+                continue
+            if not data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
+                self.invalid.append(f"{model}: {name} is not a PNG or JPEG image")
+            images.append(data)
+        return images
 
     async def get_result(self, request: web.Request) -> web.StreamResponse:
         if not self.authorized(request):

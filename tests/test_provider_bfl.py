@@ -3,8 +3,10 @@ real socket: submit, poll until Ready, download; every conformance case of issue
 
 import base64
 import json
+import os
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from imgproxy.egress import UrlRefused
@@ -45,6 +47,8 @@ models:
   flux-pro-1.1-ultra: {{provider: bfl}}
   flux-2-pro: {{provider: bfl}}
   flux-2-flex: {{provider: bfl}}
+  flux-kontext-pro: {{provider: bfl}}
+  flux-kontext-max: {{provider: bfl}}
 images:
   directory: {tmp_path / "images"}
   signing_key: test-signing-key
@@ -364,3 +368,176 @@ async def test_three_jobs_one_failing_after_acceptance_delivers_two_and_records_
     # Two delivered, one billed but undelivered: in the record, never as a delivered image.
     assert (record["images"], record["undelivered_billed"]) == (2, 1)
     assert record["cost_usd"] == pytest.approx(3 * 0.04) and resp.headers["x-imgproxy-cost-usd"] == "0.120000"
+
+
+# Edits through FLUX.1 Kontext: the input images as base64 in the job's JSON body.
+
+EDITS = "/v1/images/edits"
+JPEG = b"\xff\xd8\xff\xe0" + os.urandom(200)  # recognised by its first bytes, passed on as it is
+
+
+def edit_form(fields: dict, files: list[tuple[str, bytes]]) -> aiohttp.FormData:
+    data = aiohttp.FormData(default_to_multipart=True)
+    for name, value in {"model": "flux-kontext-pro", "prompt": "add a hat", **fields}.items():
+        data.add_field(name, str(value))
+    for index, (name, content) in enumerate(files):
+        data.add_field(name, content, filename=f"upload-{index}.bin", content_type="application/octet-stream")
+    return data
+
+
+def big_png(size: int) -> bytes:
+    """A PNG header followed by `size` random bytes (above 1 MiB the gateway spools it to disk)."""
+    return tiny_png(64, 64)[:33] + os.urandom(size)
+
+
+async def edit(client, fields: dict | None = None, files: list[tuple[str, bytes]] | None = None):
+    return await client.post(EDITS, headers=AUTH, data=edit_form(fields or {}, files or [("image", tiny_png(8, 8))]))
+
+
+async def test_kontext_edit_sends_the_exact_bytes_of_every_image_in_order(bfl_client, fake_bfl, tmp_path):
+    client = await bfl_client()
+    first, second, third = big_png(3 * 1024 * 1024 // 2), JPEG, tiny_png(5, 7, b"\x09\x08\x07")  # the first from a temporary file
+    resp = await edit(client, {"response_format": "b64_json"}, [("image[]", first), ("image[]", second), ("image[]", third)])
+    body = await images_body(resp)
+    assert [base64.b64decode(item["b64_json"]) for item in body["data"]] == [BFL_PNG]
+    assert fake_bfl.models == ["flux-kontext-pro"]
+    assert fake_bfl.inputs == [[first, second, third]]
+    sent = fake_bfl.requests[0]
+    assert sorted(sent) == ["input_image", "input_image_2", "input_image_3", "prompt"]  # size auto: no aspect_ratio, the input's
+    assert sent["prompt"] == "add a hat"
+    [record] = records(tmp_path)
+    assert record["operation"] == "edit" and record["images"] == 1 and record["cost_usd"] == pytest.approx(0.04)
+
+
+async def test_sdk_edit_with_n_and_a_size(bfl_client, sdk_for, fake_bfl, tmp_path):
+    client = await bfl_client()
+    image = tiny_png(16, 9, b"\x10\x20\x30")
+    result = await sdk_for(client).images.edit(
+        model="flux-kontext-max", image=("photo.png", image, "image/png"), prompt="make it night", n=2, size="1792x1024",
+        response_format="b64_json", output_format="jpeg",
+    )
+    assert [base64.b64decode(item.b64_json) for item in result.data] == [BFL_PNG, BFL_PNG]
+    # Two jobs, each with the same image and the size as its ratio.
+    assert fake_bfl.models == ["flux-kontext-max"] * 2 and fake_bfl.inputs == [[image], [image]]
+    assert [{k: v for k, v in r.items() if k != "input_image"} for r in fake_bfl.requests] == [
+        {"prompt": "make it night", "aspect_ratio": "7:4", "output_format": "jpeg"}
+    ] * 2
+    [record] = records(tmp_path)
+    assert record["images"] == 2 and record["cost_usd"] == pytest.approx(0.16)
+
+
+async def test_kontext_generates_from_text_alone_and_its_png_is_labelled_png(bfl_client, fake_bfl):
+    client = await bfl_client()
+    body = await images_body(await post(client, model="flux-kontext-pro", size="1024x768"))
+    assert fake_bfl.requests == [{"prompt": "a red fox", "aspect_ratio": "4:3"}] and fake_bfl.inputs == [[]]
+    image = await download(client, body["data"][0]["url"])
+    # Kontext makes PNG unless told otherwise (FLUX 1.1 makes JPEG): the hosted file says so.
+    assert await image.read() == BFL_PNG and image.headers["Content-Type"] == "image/png"
+    await images_body(await post(client, model="flux-kontext-pro", response_format="b64_json"))
+    assert fake_bfl.requests[-1] == {"prompt": "a red fox"}  # size auto: BFL's default ratio
+
+
+@pytest.mark.parametrize(
+    "fields, files, status, code, param",
+    [
+        ({}, [("image", tiny_png(8, 8)), ("mask", tiny_png(8, 8))], 400, "unsupported_parameter", "mask"),  # Kontext takes no mask
+        ({}, [("image", b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\x00" * 40)], 400, "invalid_image_format", "image"),
+        ({}, [("image[]", tiny_png(8, 8))] * 5, 400, "too_many_images", "image"),  # input_image to input_image_4
+        ({}, [("image", big_png(10 * 1024 * 1024))], 400, "image_too_large", "image"),  # above 10 MiB alone
+        ({"size": "1000x1000"}, [("image", tiny_png(8, 8))], 400, "invalid_size", "size"),
+        ({"quality": "high"}, [("image", tiny_png(8, 8))], 400, "unsupported_parameter", "quality"),
+        ({"model": "flux-pro-1.1"}, [("image", tiny_png(8, 8))], 400, "unsupported_operation", "model"),
+    ],
+)
+async def test_what_kontext_cannot_take_is_refused_before_any_call(bfl_client, fake_bfl, fields, files, status, code, param):
+    client = await bfl_client()
+    await assert_error(await edit(client, fields, files), status, code, param)
+    assert fake_bfl.requests == []
+
+
+async def test_images_too_large_together_are_refused_before_any_call_or_limit(make_client, bfl_config, fake_bfl, tmp_path):
+    # Each under Kontext's 10 MiB, together above the 20 MiB one JSON body may carry: refused
+    # with the capabilities, so before the key's rate limit (one request a minute) is charged.
+    text = bfl_config().replace(f"{{name: team-a, key: {CLIENT_KEY}}}", f"{{name: team-a, key: {CLIENT_KEY}, rate_limit: {{requests_per_minute: 1}}}}")
+    client = await make_client(text)
+    files = [("image[]", big_png(7 * 1024 * 1024))] * 3
+    error = await assert_error(await edit(client, {}, files), 400, "image_too_large", "image")
+    assert "together" in error["message"]
+    assert fake_bfl.requests == []
+    await images_body(await edit(client, {}, files[:2]))  # 14 MiB: taken, and the minute's one request
+    assert [len(images) for images in fake_bfl.inputs] == [2]
+    await assert_error(await edit(client), 429, "rate_limit_exceeded")
+
+
+async def test_the_adapter_bounds_the_json_body_whatever_the_capabilities_say(make_client, bfl_config, fake_bfl):
+    # An operator's override lets 30 MiB through the core; the body built in memory stays bounded.
+    text = bfl_config().replace(
+        "  flux-kontext-pro: {provider: bfl}",
+        "  flux-kontext-pro: {provider: bfl, capabilities: {edits: {max_images: 4, max_image_bytes: 10485760, image_types: [png]}}}",
+    )
+    client = await make_client(text)
+    files = [("image[]", big_png(7 * 1024 * 1024))] * 3
+    error = await assert_error(await edit(client, {}, files), 400, "image_too_large", "image")
+    assert "JSON body" in error["message"]
+    assert fake_bfl.requests == []
+
+
+@pytest.mark.parametrize(
+    "prompt, reason, said", [("a forbidden logo", "Derivative Works", "the prompt or the input images"), ("something explicit", "NSFW", "the generated image")]
+)
+async def test_moderated_edit_is_400_content_policy_violation(bfl_client, fake_bfl, tmp_path, prompt, reason, said):
+    client = await bfl_client(provider="retries: {attempts: 3, backoff: 0.01}")
+    error = await assert_error(await edit(client, {"prompt": prompt}), 400, "content_policy_violation", None)
+    assert reason in error["message"] and said in error["message"]
+    assert len(fake_bfl.requests) == 1  # never submitted again
+    [record] = records(tmp_path)
+    assert record["cost_usd"] == 0 and record.get("undelivered_billed", 0) == 0  # taken as not billed (see docs)
+
+
+async def test_edit_billed_per_delivered_image_and_per_accepted_job(bfl_client, fake_bfl, tmp_path):
+    # n=3: one job ends in Error after BFL accepted it (billed, not delivered); then n=2 with one
+    # submission refused (429: never ran, never billed).
+    client = await bfl_client()
+    fake_bfl.distinct_images = True
+    fake_bfl.poll_cues.append(Cue(body={"id": "job-1", "status": "Error", "details": {"error": "internal"}}))
+    body = await images_body(await edit(client, {"n": 3, "response_format": "b64_json"}))
+    assert len(body["data"]) == 2 and len(fake_bfl.requests) == 3 and fake_bfl.downloads == 2
+    [record] = records(tmp_path)
+    assert (record["images"], record["undelivered_billed"]) == (2, 1) and record["cost_usd"] == pytest.approx(3 * 0.04)
+    fake_bfl.cues.append(Cue(status=429, body={"detail": "busy"}))
+    body = await images_body(await edit(client, {"n": 2, "response_format": "b64_json"}))
+    assert len(body["data"]) == 1
+    record = records(tmp_path)[-1]
+    assert (record["images"], record.get("undelivered_billed", 0)) == (1, 0) and record["cost_usd"] == pytest.approx(0.04)
+
+
+async def test_edit_that_never_finishes_is_504_billed_and_not_submitted_again(bfl_client, fake_bfl, tmp_path):
+    client = await bfl_client(total=0.5, provider="retries: {attempts: 3, backoff: 0.01}")
+    fake_bfl.never_ready = True
+    resp = await edit(client, {"model": "flux-kontext-max"})
+    await assert_error(resp, 504, "upstream_timeout")
+    assert resp.headers["x-should-retry"] == "false"
+    assert len(fake_bfl.requests) == 1 and len(fake_bfl.polls) >= 1 and fake_bfl.downloads == 0
+    [record] = records(tmp_path)
+    assert record["undelivered_billed"] == 1 and record["cost_usd"] == pytest.approx(0.08)
+
+
+async def test_a_body_bfl_finds_too_large_is_400_and_billed_nothing(bfl_client, fake_bfl, tmp_path):
+    # Below the gateway's bounds but above BFL's own: the job was refused, so never billed.
+    client = await bfl_client(provider="retries: {attempts: 3, backoff: 0.01}")
+    fake_bfl.cue(status=413, body={"detail": "Request Entity Too Large"})
+    await assert_error(await edit(client), 400, "image_too_large", "image")
+    assert len(fake_bfl.requests) == 1
+    [record] = records(tmp_path)
+    assert record["cost_usd"] == 0 and record.get("undelivered_billed", 0) == 0
+
+
+async def test_a_retried_edit_sends_the_same_bytes_again(bfl_client, fake_bfl, tmp_path):
+    # The first submission is refused (503: never ran); the retry reads the spooled image again.
+    client = await bfl_client(provider="retries: {attempts: 2, backoff: 0.01}")
+    image = big_png(2 * 1024 * 1024)
+    fake_bfl.cue(status=503, body={"detail": "overloaded"})
+    await images_body(await edit(client, {"response_format": "b64_json"}, [("image", image)]))
+    assert fake_bfl.inputs == [[image], [image]]
+    [record] = records(tmp_path)
+    assert record["images"] == 1 and record["cost_usd"] == pytest.approx(0.04)
