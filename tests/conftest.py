@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
+import aiohttp
 import httpx2
 import openai
 import pytest
@@ -292,6 +293,28 @@ async def images_body(resp) -> dict:
     assert resp.status == 200, body
     assert list(IMAGES_RESPONSE.iter_errors(body)) == [], body
     return body
+
+
+@pytest.fixture
+def usage_log(tmp_path):
+    """Where the cost plugin of a test's gateway writes its usage records."""
+    return tmp_path / "usage.jsonl"
+
+
+@pytest.fixture
+async def gateway(make_client, usage_log):
+    """A gateway in front of the fakes that writes usage records to `usage_log`."""
+    return await make_client(extra=f"cost: {{usage_log: {usage_log}}}")
+
+
+def multipart_form(fields: dict, files=(), content_type: str = "application/octet-stream") -> aiohttp.FormData:
+    """An edit's or a variation's form as a client sends it: `files` are (field name, bytes)."""
+    data = aiohttp.FormData(default_to_multipart=True)
+    for name, value in fields.items():
+        data.add_field(name, str(value))
+    for index, (name, content) in enumerate(files):
+        data.add_field(name, content, filename=f"upload-{index}.bin", content_type=content_type)
+    return data
 
 
 async def download(client, url: str):

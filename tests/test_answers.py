@@ -30,16 +30,6 @@ def answer(*items: dict, **fields) -> bytes:
     return json.dumps({"created": 1713833628, "data": list(items), **fields}).encode()
 
 
-@pytest.fixture
-def usage_log(tmp_path):
-    return tmp_path / "usage.jsonl"
-
-
-@pytest.fixture
-async def gateway(make_client, usage_log):
-    return await make_client(extra=f"cost: {{usage_log: {usage_log}}}")
-
-
 
 
 async def post(client, body: dict, request_id: str):

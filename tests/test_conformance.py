@@ -44,11 +44,6 @@ async def upstream(entry, aiohttp_server):
 
 
 @pytest.fixture
-def usage_log(tmp_path):
-    return tmp_path / "usage.jsonl"
-
-
-@pytest.fixture
 def gateway(entry, upstream, aiohttp_client, tmp_path, usage_log):
     """A gateway in front of the entry's fake, its config built as data."""
 

@@ -7,10 +7,9 @@ import os
 import stat
 import tempfile
 
-import aiohttp
 import pytest
 
-from tests.conftest import CLIENT_KEY, assert_error, images_body, usage_record
+from tests.conftest import CLIENT_KEY, assert_error, images_body, multipart_form, usage_record
 from tests.fakes import FAKE_B64, tiny_png
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -18,29 +17,13 @@ JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 60
 WEBP = b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\x00" * 40
 
 
-def form(fields: dict, files: list[tuple[str, bytes]] = ()) -> aiohttp.FormData:
-    data = aiohttp.FormData(default_to_multipart=True)
-    for name, value in fields.items():
-        data.add_field(name, str(value))
-    for index, (name, content) in enumerate(files):
-        data.add_field(name, content, filename=f"upload-{index}.bin", content_type="application/octet-stream")
-    return data
+form = multipart_form
 
 
 def big_png(size: int) -> bytes:
     """A PNG signature and header followed by `size` bytes: enough for the gateway, which
     recognises an image by its first bytes and passes it on as it is."""
     return tiny_png(64, 64)[:33] + os.urandom(size)
-
-
-@pytest.fixture
-def usage_log(tmp_path):
-    return tmp_path / "usage.jsonl"
-
-
-@pytest.fixture
-async def gateway(make_client, usage_log):
-    return await make_client(extra=f"cost: {{usage_log: {usage_log}}}")
 
 
 # --- what the provider receives ------------------------------------------------------------

@@ -170,16 +170,6 @@ def sse(kind: str, count: int) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode() * count
 
 
-@pytest.fixture
-def usage_log(tmp_path):
-    return tmp_path / "usage.jsonl"
-
-
-@pytest.fixture
-async def gateway(make_client, usage_log):
-    return await make_client(extra=f"cost: {{usage_log: {usage_log}}}")
-
-
 @pytest.mark.parametrize(("operation", "events"), [("edit", "image_generation"), ("generate", "image_edit"), ("edit", "image_edit")])
 async def test_a_stream_with_the_other_operations_events_is_cut_at_n_and_billed(gateway, fake_openai, usage_log, operation, events):
     """An OpenAI-compatible host may answer an edit with image_generation.* events (or the

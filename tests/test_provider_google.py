@@ -15,7 +15,7 @@ import pytest
 
 from imgproxy.gateway import Gateway
 from imgproxy.server import create_app
-from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body
+from tests.conftest import AUTH, CLIENT_KEY, assert_error, download, images_body, multipart_form
 from tests.fakes import FAKE_PNG, Cue, FakeUpstream, tiny_png
 from tests.fakes_google import ACCESS_TOKEN_PREFIX, PRIVATE_KEY_LINE, PRIVATE_KEY_PEM, FakeGoogle, service_account_file
 from tests.conftest import usage_record as record
@@ -33,11 +33,6 @@ async def google(aiohttp_server):
     fake.base_url = str(server.make_url("")).rstrip("/")
     yield fake
     assert fake.invalid == [], f"imgproxy sent the fake Google a request outside the spec: {fake.invalid}"
-
-
-@pytest.fixture
-def usage_log(tmp_path):
-    return tmp_path / "usage.jsonl"
 
 
 @pytest.fixture
@@ -377,12 +372,7 @@ def big_png(size: int) -> bytes:
 
 
 def edit_form(fields: dict, files: list[tuple[str, bytes]]) -> aiohttp.FormData:
-    data = aiohttp.FormData(default_to_multipart=True)
-    for name, value in fields.items():
-        data.add_field(name, str(value))
-    for index, (name, content) in enumerate(files):
-        data.add_field(name, content, filename=f"upload-{index}.png", content_type="image/png")
-    return data
+    return multipart_form(fields, files, content_type="image/png")
 
 
 async def post_edit(client, fields: dict, files: list[tuple[str, bytes]]):

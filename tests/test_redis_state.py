@@ -2,6 +2,7 @@
 stopped and started mid-test (closed and open), the password kept out of logs."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -211,26 +212,33 @@ async def test_pending_records_written_after_redis_restarted_empty_are_still_swe
         await backend.close()
 
 
+@contextlib.asynccontextmanager
+async def server_busy(url: str, seconds: float):
+    """Another client keeps the server busy with one long script for `seconds` (from 0.2 s
+    before the body of the `with` runs to when the script ends, which the exit waits for)."""
+    import redis as sync_redis
+
+    busy = "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2] " \
+           f"repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > {int(seconds * 1e6)} return 1"
+    with sync_redis.Redis.from_url(url) as admin:
+        blocker = asyncio.get_running_loop().run_in_executor(None, admin.eval, busy, 0)
+        await asyncio.sleep(0.2)
+        yield
+        await blocker
+
+
 async def test_a_reservation_that_timed_out_but_landed_is_undone(own_redis):
     """A script the client gave up on (timed out) can still run on the server: the next sweep undoes it,
     or the refused request would stay reserved and later be billed by recovery."""
-    import redis as sync_redis
-
     from imgproxy.state import Pending, Reservation
 
     backend = RedisState(own_redis.url, key_prefix="uncertain:", timeout=0.2)
     try:
         spend = [Reservation("spend:{team}:day", 1.0, 10.0, 1000)]
         await backend.reserve([Reservation("spend:{team}:day", 0.0, 10.0, 1000)], Pending("team", "warm", {}, deadline=1000))
-        # Another client keeps the server busy for a second (one long script).
-        busy = "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2] " \
-               "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 1200000 return 1"
-        with sync_redis.Redis.from_url(own_redis.url) as admin:
-            blocker = asyncio.get_running_loop().run_in_executor(None, admin.eval, busy, 0)
-            await asyncio.sleep(0.2)
+        async with server_busy(own_redis.url, 1.2):
             with pytest.raises(StateUnavailable):
                 await backend.reserve(spend, Pending("team", "slow", {"request_id": "slow"}, deadline=0))
-            await blocker
         assert await backend.get("spend:{team}:day") == 1.0  # it ran after the client gave up
         assert await backend.claim_expired() == []  # the sweep undid it instead of billing it
         assert await backend.get("spend:{team}:day") == 0.0
@@ -264,8 +272,6 @@ async def test_a_reservation_cancelled_in_flight_is_undone_before_the_replica_st
     """A shutdown's drain timeout cancels a request while its reserve script waits on the server:
     the script still runs, and no other replica knows of it. The stopping replica undoes it, or
     recovery would bill a request that never called the provider at its worst case."""
-    import redis as sync_redis
-
     from imgproxy.state import Pending, Reservation
 
     backend = RedisState(own_redis.url, key_prefix="cancelled:", timeout=5)
@@ -273,17 +279,12 @@ async def test_a_reservation_cancelled_in_flight_is_undone_before_the_replica_st
     try:
         spend = [Reservation("spend:{team}:day", 1.0, 10.0, 1000)]
         await backend.reserve([Reservation("spend:{team}:day", 0.0, 10.0, 1000)], Pending("team", "warm", {}, deadline=1000))
-        busy = "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2] " \
-               "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 1000000 return 1"
-        with sync_redis.Redis.from_url(own_redis.url) as admin:
-            blocker = asyncio.get_running_loop().run_in_executor(None, admin.eval, busy, 0)
-            await asyncio.sleep(0.2)
+        async with server_busy(own_redis.url, 1.0):
             request = asyncio.create_task(backend.reserve(spend, Pending("team", "cut", {"request_id": "cut"}, deadline=0)))
             await asyncio.sleep(0.3)
             request.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await request
-            await blocker
         assert await other.get("spend:{team}:day") == 1.0  # it ran after the request was cancelled
         await backend.close()  # the replica stops
         assert await other.claim_expired() == []  # nothing left for recovery to bill
