@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -79,8 +80,10 @@ async def read_request(ctx: RequestContext, operation: str) -> Form | None:
     drips in for longer than `server.body_timeout` would hold its connection (and a spool
     file): 408."""
     server = ctx.gateway.config.server
+    # A body already here (a small one usually arrives with its headers) needs no timer.
+    deadline = contextlib.nullcontext() if ctx.http.content.is_eof() else asyncio.timeout(server.body_timeout)
     try:
-        async with asyncio.timeout(server.body_timeout):
+        async with deadline:
             if operation == "generate":
                 ctx.body = await read_json_body(ctx.http, server.max_body_bytes)
                 return None
