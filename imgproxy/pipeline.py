@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -79,21 +78,24 @@ async def read_request(ctx: RequestContext, operation: str) -> Form | None:
     images are kept aside (imgproxy.uploads) and whose text fields are the body. A body that
     drips in for longer than `server.body_timeout` would hold its connection (and a spool
     file): 408."""
-    server = ctx.gateway.config.server
-    # A body already here (a small one usually arrives with its headers) needs no timer.
-    deadline = contextlib.nullcontext() if ctx.http.content.is_eof() else asyncio.timeout(server.body_timeout)
+    if ctx.http.content.is_eof():  # all here already (a small body usually comes with its headers): no timer
+        return await read_body(ctx, operation)
+    seconds = ctx.gateway.config.server.body_timeout
     try:
-        async with deadline:
-            if operation == "generate":
-                ctx.body = await read_json_body(ctx.http, server.max_body_bytes)
-                return None
-            slots = ctx.gateway.shared.uploads
-            slots.take(server.max_uploads)
-            form = await read_form(ctx.http, server.max_upload_bytes, release=slots.release)
+        async with asyncio.timeout(seconds):
+            return await read_body(ctx, operation)
     except TimeoutError:
-        raise GatewayError(
-            408, f"The request body did not arrive within {server.body_timeout:g} seconds.", code="request_timeout"
-        ) from None
+        raise GatewayError(408, f"The request body did not arrive within {seconds:g} seconds.", code="request_timeout") from None
+
+
+async def read_body(ctx: RequestContext, operation: str) -> Form | None:
+    server = ctx.gateway.config.server
+    if operation == "generate":
+        ctx.body = await read_json_body(ctx.http, server.max_body_bytes)
+        return None
+    slots = ctx.gateway.shared.uploads
+    slots.take(server.max_uploads)
+    form = await read_form(ctx.http, server.max_upload_bytes, release=slots.release)
     ctx.body = typed_fields(form.fields, integers=("n", "output_compression", "partial_images"), booleans=("stream",))
     return form
 

@@ -47,9 +47,9 @@ def create_app(served: Gateway | Runtime, *, reuse_port: bool = False) -> web.Ap
     app[RUNTIME] = runtime
     app.cleanup_ctx.append(_lifecycle)
     cors.setup(app, lambda: runtime.gateway.config.server.cors_origins)
-    app.router.add_post("/v1/images/generations", post_generations, expect_handler=expectation)
-    app.router.add_post("/v1/images/edits", post_edits, expect_handler=expectation)
-    app.router.add_post("/v1/images/variations", post_variations, expect_handler=expectation)
+    app.router.add_post("/v1/images/generations", images_endpoint("generate"), expect_handler=expectation)
+    app.router.add_post("/v1/images/edits", images_endpoint("edit"), expect_handler=expectation)
+    app.router.add_post("/v1/images/variations", images_endpoint("variation"), expect_handler=expectation)
     app.router.add_get("/v1/images/files/{name}", get_image_file, expect_handler=expectation)
     app.router.add_get("/v1/models", get_models, expect_handler=expectation)
     # `.+`: a model may be named provider/model, as in a generation request.
@@ -201,27 +201,20 @@ def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     return GatewayError(500, "The gateway failed unexpectedly; the error was logged.", type="server_error", code="internal_error").to_response()
 
 
-async def post_generations(request: web.Request) -> web.StreamResponse:
-    return await serve(request, "generate")
+def images_endpoint(operation: str):
+    """The handler of POST /v1/images/generations, /edits or /variations (`operation`)."""
 
+    async def handler(request: web.Request) -> web.StreamResponse:
+        gateway = request.app[RUNTIME].gateway
+        ctx = RequestContext(gateway=gateway, http=request, request_id=request[REQUEST_ID])
+        request[CONTEXT] = ctx
+        gateway.request_started()
+        try:
+            return await serve_images(ctx, operation)
+        finally:
+            gateway.request_finished()
 
-async def post_edits(request: web.Request) -> web.StreamResponse:
-    return await serve(request, "edit")
-
-
-async def post_variations(request: web.Request) -> web.StreamResponse:
-    return await serve(request, "variation")
-
-
-async def serve(request: web.Request, operation: str) -> web.StreamResponse:
-    gateway = request.app[RUNTIME].gateway
-    ctx = RequestContext(gateway=gateway, http=request, request_id=request[REQUEST_ID])
-    request[CONTEXT] = ctx
-    gateway.request_started()
-    try:
-        return await serve_images(ctx, operation)
-    finally:
-        gateway.request_finished()
+    return handler
 
 
 async def get_models(request: web.Request) -> web.Response:

@@ -143,7 +143,7 @@ class Provider:
             code="upstream_auth_failed", kind="auth", produced_nothing=True,
         )
 
-    async def fan_out(self, request: ImageRequest, target: "Target", call: "UpstreamCall", one: OneCall) -> ImagesResult:
+    def fan_out(self, request: ImageRequest, target: "Target", call: "UpstreamCall", one: OneCall) -> Awaitable[ImagesResult]:
         """The request's n images from as many upstream calls as the model's `max_n_per_call`
         needs (one call, as it is, when it takes them all), at most `max_parallel` in flight,
         all within the attempt's time; their images merged and their usage summed.
@@ -156,7 +156,10 @@ class Provider:
         may have produced something (so that it is not tried again), else the first."""
         per_call = target.model.capabilities.n_per_call
         if request.n <= per_call:
-            return await one(request, call)
+            return one(request, call)  # awaited by the caller: no extra frame on the common path
+        return self._fan_out(request, per_call, call, one)
+
+    async def _fan_out(self, request: ImageRequest, per_call: int, call: "UpstreamCall", one: OneCall) -> ImagesResult:
         counts = [per_call] * (request.n // per_call) + ([request.n % per_call] if request.n % per_call else [])
         gate = asyncio.Semaphore(self.max_parallel)
         deadline = time.monotonic() + call.timeout  # the attempt's time, shared by all its calls
