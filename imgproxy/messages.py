@@ -40,7 +40,7 @@ class ImageRequest:
     # Parameters the client gave that the upstream call leaves out (the model's
     # `unsupported_parameters: drop`, or a fallback's translation): x-imgproxy-dropped-params.
     dropped: tuple[str, ...] = ()
-    # The optional parameters the client gave itself (quality and style may be defaults).
+    # Which of quality and style the client gave itself (else they are the model's defaults).
     given: frozenset[str] = frozenset()
 
     @property

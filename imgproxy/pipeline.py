@@ -120,7 +120,8 @@ async def check_request(ctx: RequestContext) -> None:
     hooks = ctx.gateway.hooks
     await hooks.call("imgproxy_authorize_model", identity=ctx.identity, model=ctx.route.model)
     # After the allow-list, so a key learns of a retired model only if it may use it.
-    ctx.gateway.routing.check_retired(ctx.route.model, ctx.response_headers)
+    if ctx.route.model.shutdown is not None:  # most models have no shutdown date
+        ctx.gateway.routing.check_retired(ctx.route.model, ctx.response_headers)
     await hooks.call("imgproxy_authorize_request", ctx=ctx)
     await hooks.call("imgproxy_check_limits", ctx=ctx)
     await hooks.call("imgproxy_check_content", ctx=ctx)

@@ -20,7 +20,8 @@ _FORM_VALIDATORS = {
 }
 # What each operation is called in messages.
 OPERATION_NAMES = {"generate": "image generation", "edit": "image edits", "variation": "image variations"}
-MASK_MAX_BYTES = 4 * 1024 * 1024  # OpenAI: "a valid PNG file, less than 4MB"
+MASK_MAX_BYTES = 4 * 1024 * 1024
+_DEFAULTED = frozenset({"quality", "style"})  # filled in from the model when not given  # OpenAI: "a valid PNG file, less than 4MB"
 
 
 async def read_json_body(http: web.Request, max_bytes: int) -> dict:
@@ -143,7 +144,7 @@ def check_capabilities(body: dict, route: Route, operation: str = "generate", fo
         operation=operation,
         form=form,
         dropped=tuple(dropped or ()),
-        given=frozenset(name for name in ("quality", "style") if name in given) | frozenset(options),
+        given=frozenset(given.keys() & _DEFAULTED),
     )
 
 

@@ -36,7 +36,7 @@ async def post(client, body):
 
 @pytest.mark.parametrize(
     "model, text_in, image_in, out",
-    [("gpt-image-1-mini", 2.0, 2.5, 8.0), ("gpt-image-1.5", 5.0, 8.0, 32.0), ("gpt-image-2", 5.0, 8.0, 32.0)],
+    [("gpt-image-1-mini", 2.0, 2.5, 8.0), ("gpt-image-1.5", 5.0, 8.0, 32.0), ("gpt-image-2", 5.0, 8.0, 30.0)],
 )
 async def test_each_model_is_billed_its_own_token_prices(client, fake_openai, tmp_path, model, text_in, image_in, out):
     body = {"model": model, "prompt": "a logo", "n": 2, "quality": "medium", "size": "1024x1536", "background": "transparent", "output_format": "webp"}
@@ -77,7 +77,7 @@ async def test_a_free_size_without_usage_is_billed_at_the_largest_size(client, f
     fake_openai.cue(body={"created": 1, "data": [{"b64_json": FAKE_B64}]})
     await images_body(await post(client, {"model": "gpt-image-2", "prompt": "p", "size": "1920x1088", "quality": "high"}))
     (record,) = await records(tmp_path / "usage.jsonl")
-    assert record["cost_usd"] == pytest.approx(1.055)
+    assert record["cost_usd"] == pytest.approx(1.112)
 
 
 async def test_quality_levels_beyond_the_published_spec_are_refused(client, fake_openai):
