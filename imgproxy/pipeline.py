@@ -16,8 +16,8 @@ from .plan import plan_attempt
 from .relay import StreamTap, forward_stream
 from .resilience import counts_as_failure, translate
 from .routing import Target
-from .upstream import UpstreamCall
 from .uploads import Form, read_form, typed_fields
+from .upstream import UpstreamCall
 from .validation import check_capabilities, check_schema, read_json_body
 
 log = logging.getLogger("imgproxy.pipeline")
