@@ -44,6 +44,7 @@ class ServerConfig:
     # Resource limits (docs/security.md); read when the server starts.
     max_connections: int = 1024
     header_timeout: float = 10.0
+    write_timeout: float = 30.0  # seconds a client may stop reading its answer before it is dropped
     max_header_bytes: int = 64 * 1024
     keepalive_timeout: float = 75.0
     max_upstream_buffer_bytes: int = 96 * 1024 * 1024

@@ -86,6 +86,7 @@ class Listener:
         self.name = name
         self.max_connections = max_connections
         self.header_timeout = server.header_timeout
+        self.write_timeout = server.write_timeout
         self.max_header_bytes = server.max_header_bytes
         self.open = 0
         self.refusing = 0
@@ -94,6 +95,7 @@ class Listener:
         self._open_gauge.set_function(lambda: self.open)
         self._refused = metrics.http_connections_refused.labels(name)
         self._timed_out = metrics.http_header_timeouts.labels(name)
+        self._write_timed_out = metrics.http_write_timeouts.labels(name)
         self.full_answer = _raw_response(GatewayError(
             503, "The gateway has as many open connections as it accepts; retry shortly.", type="server_error",
             code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER)},
@@ -107,6 +109,10 @@ class Listener:
     def header_timeout_passed(self, peer) -> None:
         self._timed_out.inc()
         throttled.warning("header_timeout", "%s port: closed a connection from %s that sent no complete headers within %gs", self.name, peer, self.header_timeout)
+
+    def write_timeout_passed(self, peer) -> None:
+        self._write_timed_out.inc()
+        throttled.warning("write_timeout", "%s port: dropped a connection to %s that read nothing of its answer for %gs", self.name, peer, self.write_timeout)
 
     def parser_error(self, reason: str, peer) -> None:
         self._metrics.http_parser_errors.labels(reason).inc()
@@ -204,7 +210,7 @@ class GuardedHandler(RequestHandler):
     error, so aiohttp's loop answers them through `handle_error` and closes the connection.
     """
 
-    __slots__ = ("_listener", "_counted", "_deadline", "_header_bytes", "_last_payload", "_refusing")
+    __slots__ = ("_listener", "_counted", "_deadline", "_header_bytes", "_last_payload", "_refusing", "_write_stall")
 
     def __init__(self, manager: web.Server, listener: Listener, **kwargs) -> None:
         super().__init__(manager, **kwargs)
@@ -217,6 +223,7 @@ class GuardedHandler(RequestHandler):
         self._header_bytes = 0
         self._last_payload = None  # the body of the last request parsed
         self._refusing = False
+        self._write_stall: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -227,8 +234,31 @@ class GuardedHandler(RequestHandler):
             self._counted = False
             self._listener.open -= 1
         self._stop_waiting()
+        self._stop_stall_timer()
         self._last_payload = None  # it refers back to this handler
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The client's socket is full: it is not reading. One that does not read again within
+        # write_timeout would hold its answer (and its share of the upstream budget) for good.
+        super().pause_writing()
+        if self._write_stall is None:
+            self._write_stall = self._loop.call_later(self._listener.write_timeout, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_stall_timer()
+
+    def _stop_stall_timer(self) -> None:
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
+
+    def _write_stalled(self) -> None:
+        self._write_stall = None
+        self._listener.write_timeout_passed(self._peer())
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._refusing:

@@ -99,6 +99,9 @@ class Metrics:
         self.http_header_timeouts = Counter(
             "imgproxy_http_header_timeouts", "Connections closed for not sending a request's headers in time.", ["listener"], registry=registry
         )
+        self.http_write_timeouts = Counter(
+            "imgproxy_http_write_timeouts", "Connections dropped because the client stopped reading its answer.", ["listener"], registry=registry
+        )
         self.http_parser_errors = Counter(
             "imgproxy_http_parser_errors", "Requests the HTTP parser refused, by reason.", ["reason"], registry=registry
         )

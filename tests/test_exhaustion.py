@@ -5,11 +5,13 @@ at once than the memory budget holds. docs/security.md says what these show."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import json
 import os
 import re
 import resource
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from tests.fakes import FAKE_B64, openai_validator
-from tests.processes import free_port
+from tests.processes import free_port, mock_upstream
 
 IMGPROXY = str(Path(sys.executable).parent / "imgproxy")
 CLIENT_KEY = "sk-exhaustion-client-key-0001"
@@ -409,3 +411,44 @@ async def test_large_upstream_answers_beyond_the_budget_get_503_not_a_growing_he
     # some freed memory: growth stays within 5 x the budget (measured: 160-240 MiB), where the
     # nine answers asked for grew the heap by ~500 MiB without a budget (1 GiB configured).
     assert peak - baseline < 5 * budget
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(gateway):
+    # It would hold its answer (12 MiB of base64 here) and the upstream connection for good.
+    upstream, upstream_port = mock_upstream("--format", "b64_json", "--image-bytes", str(12 * MiB))
+    try:
+        served = await gateway("  write_timeout: 1", upstream=f"http://127.0.0.1:{upstream_port}")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+        sock.connect(("127.0.0.1", served.port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        body = json.dumps({"model": "gpt-image-1", "prompt": "a large image"}).encode()
+        writer.write(
+            f"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        await writer.drain()
+        for _ in range(300):  # and read nothing meanwhile
+            if await served.metric("imgproxy_http_write_timeouts_total", listener="api") >= 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await served.metric("imgproxy_http_write_timeouts_total", listener="api") == 1
+        received = 0
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+                received += len(chunk)
+        assert received < 12 * MiB  # cut off, not finished
+        writer.close()
+        # A client that reads, however slowly, is never cut: the same answer whole.
+        async with aiohttp.ClientSession() as session, session.post(
+            f"http://127.0.0.1:{served.port}/v1/images/generations", json={"model": "gpt-image-1", "prompt": "again"},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        ) as resp:
+            total = 0
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                total += len(chunk)
+                await asyncio.sleep(0.02)
+        assert resp.status == 200 and total == resp.content_length > 12 * MiB
+    finally:
+        upstream.kill()
