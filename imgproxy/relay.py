@@ -99,10 +99,14 @@ async def forward_stream(ctx: RequestContext, reply: StreamedReply, tap: StreamT
                 await _send(ctx, out, _events_before(chunk, tap.markers, ctx.request.n - before))
                 break
             await _send(ctx, out, chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError):
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError) as exc:
         log.warning("upstream broke off a streamed answer (request %s)", ctx.request_id)
-        ctx.outcome.error_code, ctx.outcome.upstream_error_kind = "upstream_bad_response", "bad_body"
-        error = GatewayError(502, "The provider broke off the stream.", type="server_error", code="upstream_bad_response")
+        if isinstance(exc, asyncio.TimeoutError):  # it stalled past the call's time: a timeout, as for JSON answers
+            ctx.outcome.error_code, ctx.outcome.upstream_error_kind = "upstream_timeout", "timeout"
+            error = GatewayError(504, "The provider stopped sending the stream in time.", type="server_error", code="upstream_timeout")
+        else:
+            ctx.outcome.error_code, ctx.outcome.upstream_error_kind = "upstream_bad_response", "bad_body"
+            error = GatewayError(502, "The provider broke off the stream.", type="server_error", code="upstream_bad_response")
         event = {"type": "error", **error.envelope()}
         await out.write(f"event: error\ndata: {json.dumps(event)}\n\n".encode())
     except ConnectionResetError:

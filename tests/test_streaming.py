@@ -98,3 +98,17 @@ async def test_large_base64_answer_passes_through_in_pieces(client, fake_openai,
     assert [item["b64_json"] for item in body["data"]] == [fake_openai.image_b64] * 2
     (line,) = access_lines()
     assert (line["images"], line["bytes"]) == (2, len(raw))
+
+
+async def test_a_stream_that_stalls_past_the_timeout_ends_with_a_timeout_event_at_no_cost(make_client, fake_openai, tmp_path):
+    log = tmp_path / "usage.jsonl"
+    client = await make_client(extra=f"cost: {{usage_log: {log}}}", total_timeout=1)
+    fake_openai.hold = asyncio.Event()  # after its first event the upstream sends nothing more
+    resp = await client.post(URL, json={"model": "gpt-image-1", "prompt": "p", "stream": True, "partial_images": 2}, headers=AUTH)
+    assert (await read_event(resp))[0] == "image_generation.partial_image"
+    kind, event = await read_event(resp)
+    assert kind == "error" and event["error"]["code"] == "upstream_timeout" and event["error"]["type"] == "server_error"
+    fake_openai.hold.set()
+    await client.close()
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (record["error"], record["images"], record["cost_usd"]) == ("upstream_timeout", 0, 0.0)
